@@ -1,0 +1,180 @@
+"""Command-line flags → one validated, read-only configuration.
+
+Both entry scripts share the data, optimisation, run and speed groups; the student script
+adds the distillation group and every registered method's own flags. Derived values (the
+learning rate of the light students, the drawn seed, the teacher's architecture, the
+resolved loss weights) are computed in :func:`derive_common` / the student's own
+``resolve`` step, logged, and saved with the rest as ``config.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+from helper.errors import UserError
+
+LIGHT_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+DEFAULT_LR = 0.05
+LIGHT_LR = 0.01
+DATASETS = ("cifar100", "digits")
+
+
+class Config(Mapping[str, Any]):
+    """A read-only mapping with attribute access: ``cfg.epochs`` or ``cfg["epochs"]``."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"config has no field {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("the configuration is read-only once validated")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def replace(self, **changes: Any) -> "Config":
+        """Returns a copy with some fields changed (used only before the run starts)."""
+        return Config({**self._values, **changes})
+
+    def to_json(self) -> str:
+        return json.dumps(self._values, indent=2, sort_keys=True, default=str)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the flags shared by ``train_teacher.py`` and ``train_student.py``."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="cifar100", choices=DATASETS,
+                      help="cifar100 (downloaded into --data_folder) or digits (bundled, offline)")
+    data.add_argument("--data_folder", default="./data",
+                      help="where cifar-100-python.tar.gz / cifar-100-python/ live")
+
+    optim = parser.add_argument_group("optimisation (the reference recipe)")
+    optim.add_argument("--batch_size", type=int, default=64,
+                       help="global batch size per step (split across DDP ranks)")
+    optim.add_argument("--epochs", type=int, default=240, help="number of training epochs")
+    optim.add_argument("--learning_rate", type=float, default=None,
+                       help="SGD learning rate (default 0.05; 0.01 for MobileNetV2/ShuffleV1/ShuffleV2)")
+    optim.add_argument("--lr_decay_epochs", default="150,180,210",
+                       help="comma-separated epochs after which the LR is multiplied by --lr_decay_rate")
+    optim.add_argument("--lr_decay_rate", type=float, default=0.1, help="LR decay factor")
+    optim.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    optim.add_argument("--lr_scale", default="none", choices=("none", "linear"),
+                       help="linear: multiply the LR by batch_size/64 (the linear scaling rule)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--trial", default="0", help="trial id, part of the run name")
+    run.add_argument("--seed", type=int, default=None,
+                     help="random seed; when not given (or 0, the seed code's 'unseeded') one is drawn and recorded")
+    run.add_argument("--save_freq", type=int, default=40, help="write ckpt_epoch_<N>.pth every N epochs")
+    run.add_argument("--print_freq", type=int, default=100, help="print progress every N steps")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in its run folder from resume.pth (fresh start if none)")
+    run.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    run.add_argument("--save_root", default="./save", help="root folder of run outputs")
+    run.add_argument("--run_name", default=None, help="run folder name (default: the reference's)")
+
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                       help="bf16: autocast the forward passes to bfloat16 (losses stay fp32)")
+    speed.add_argument("--channels_last", action="store_true", help="channels_last memory format")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the networks (falls back to eager with a warning)")
+
+
+def parse_decay_epochs(text: str) -> list[int]:
+    """``"150,180,210"`` → ``[150, 180, 210]``; raises UserError when malformed."""
+    try:
+        epochs = [int(t) for t in str(text).split(",") if t.strip() != ""]
+    except ValueError:
+        raise UserError(f"--lr_decay_epochs must be comma-separated integers, got {text!r}") from None
+    if any(e <= 0 for e in epochs) or epochs != sorted(epochs):
+        raise UserError(f"--lr_decay_epochs must be positive and increasing, got {text!r}")
+    return epochs
+
+
+def default_learning_rate(model: str) -> float:
+    """The reference's LR for a student/teacher architecture: 0.01 for the light nets."""
+    return LIGHT_LR if model in LIGHT_MODELS else DEFAULT_LR
+
+
+def _check_finite_positive(name: str, value: Optional[float], allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"--{name} must be a finite {'non-negative' if allow_zero else 'positive'} number, got {value}")
+
+
+def check_save_root(path: str) -> None:
+    """Raises UserError unless ``path`` exists or can be created, and is writable."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create save folder {path!r}: {err.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"save folder {path!r} is not writable")
+
+
+def derive_common(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """Validates the shared flags and returns them with derived values filled in.
+
+    Args:
+        args: parsed flags.
+        model: the architecture being trained (decides the default learning rate).
+    """
+    if args.epochs <= 0:
+        raise UserError(f"--epochs must be positive, got {args.epochs}")
+    if args.batch_size <= 0:
+        raise UserError(f"--batch_size must be positive, got {args.batch_size}")
+    if args.save_freq <= 0 or args.print_freq <= 0:
+        raise UserError("--save_freq and --print_freq must be positive")
+    _check_finite_positive("learning_rate", args.learning_rate)
+    _check_finite_positive("lr_decay_rate", args.lr_decay_rate)
+    _check_finite_positive("weight_decay", args.weight_decay, allow_zero=True)
+    _check_finite_positive("momentum", args.momentum, allow_zero=True)
+    values = dict(vars(args))
+    values["lr_decay_epochs"] = parse_decay_epochs(args.lr_decay_epochs)
+    base_lr = args.learning_rate if args.learning_rate is not None else default_learning_rate(model)
+    values["base_learning_rate"] = base_lr
+    values["learning_rate"] = base_lr * (args.batch_size / 64 if args.lr_scale == "linear" else 1.0)
+    values["seed"] = args.seed if args.seed else random.SystemRandom().randrange(1, 2**31 - 1)
+    values["seed_drawn"] = not args.seed
+    if args.run_name is not None and (args.run_name.startswith("/") or ".." in args.run_name.split("/")):
+        raise UserError(f"--run_name must be a relative name inside --save_root, got {args.run_name!r}")
+    check_save_root(args.save_root)
+    return values
+
+
+def learning_rate_at(cfg: Config, epoch: int) -> float:
+    """The step-schedule LR for a 1-based epoch: ×rate after each passed milestone."""
+    passed = sum(1 for m in cfg.lr_decay_epochs if epoch > m)
+    return cfg.learning_rate * cfg.lr_decay_rate ** passed
+
+
+def parse_with(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parses ``argv`` (``sys.argv[1:]`` when None)."""
+    return parser.parse_args(list(argv) if argv is not None else None)

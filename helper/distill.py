@@ -1,0 +1,188 @@
+"""Distillation plumbing: the frozen teacher, the methods, and the combined objective.
+
+``loss = r·CE + a·ADD + b·MAIN``: ADD is the ``--add`` logit method, MAIN the
+``--distill`` method. This module never asks which method runs; it reads what each
+method declares (feature kind, trainable parameters, initialisation stage).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+from distiller_zoo import METHODS, Batch, Distiller, MethodContext, Outputs
+from distiller_zoo.base import total_loss
+from helper.checkpoint import load_checkpoint, load_weights, state_dict_of
+from helper.errors import UserError
+
+
+def teacher_arch_from_path(path: str) -> str:
+    """The architecture encoded in a teacher's folder name, as the reference reads it.
+
+    ``save/models/wrn_40_2_vanilla/ckpt_epoch_240.pth`` → ``wrn_40_2``;
+    ``save/models/resnet32x4_cifar100_lr_0.05_.../resnet32x4_best.pth`` → ``resnet32x4``.
+    """
+    segments = os.path.basename(os.path.dirname(os.path.abspath(path))).split("_")
+    return "_".join(segments[:3]) if segments[0] == "wrn" else segments[0]
+
+
+def load_teacher(path: str, num_classes: int, device: torch.device,
+                 arch: Optional[str] = None) -> tuple[nn.Module, str]:
+    """Builds and loads a frozen teacher from a published or our own checkpoint.
+
+    Args:
+        path: checkpoint file (``{'model': state_dict, ...}``, loaded with weights_only).
+        num_classes: classes of the data set (must match the checkpoint's classifier).
+        device: where the teacher runs.
+        arch: architecture override; else ``ckpt['arch']``, else the folder name.
+
+    Returns:
+        The teacher in eval mode with ``requires_grad`` off, and its architecture name.
+    """
+    ckpt = load_checkpoint(path, "teacher checkpoint")
+    name = arch or ckpt.get("arch") or teacher_arch_from_path(path)
+    if name not in models.model_dict:
+        raise UserError(f"cannot tell the teacher's architecture from {path} (got {name!r}); "
+                        f"pass --model_t")
+    teacher = models.create_model(name, num_classes)
+    load_weights(teacher, state_dict_of(ckpt, path), name, path)
+    teacher.to(device).eval().requires_grad_(False)
+    return teacher, name
+
+
+class FrozenTeacher:
+    """Runs the teacher under ``inference_mode`` in eval mode; not an ``nn.Module`` on
+    purpose, so that no optimiser, DDP wrapper or ``.train()`` call can reach it."""
+
+    def __init__(self, model: nn.Module, feature_kind: Optional[str], autocast_ctx) -> None:
+        self.model = model.eval()
+        self.feature_kind = feature_kind
+        self.autocast_ctx = autocast_ctx
+
+    def __call__(self, images: torch.Tensor) -> Outputs:
+        self.model.eval()
+        with torch.inference_mode(), self.autocast_ctx():
+            if self.feature_kind is None:
+                logits, feats = self.model(images), None
+            else:
+                feats, logits = self.model(images, is_feat=True, preact=self.feature_kind == "preact")
+        # inference tensors cannot be saved for backward; one clone (fp32) lifts that
+        return Outputs(logits.float().clone(),
+                       None if feats is None else [f.float().clone() for f in feats],
+                       self.feature_kind == "preact")
+
+
+def student_outputs(student: nn.Module, images: torch.Tensor, feature_kind: Optional[str]) -> Outputs:
+    """The student's forward, with features only when a method reads them (fp32 out)."""
+    if feature_kind is None:
+        return Outputs(student(images).float())
+    feats, logits = student(images, is_feat=True, preact=feature_kind == "preact")
+    return Outputs(logits.float(), [f.float() for f in feats], feature_kind == "preact")
+
+
+def common_feature_kind(methods: list[Distiller]) -> Optional[str]:
+    """The one feature kind the methods need (``None``, ``feat`` or ``preact``)."""
+    kinds = {m.feature_kind for m in methods if m.feature_kind is not None}
+    if len(kinds) > 1:
+        raise UserError(f"methods need different feature kinds {sorted(kinds)}; combine compatible ones")
+    return kinds.pop() if kinds else None
+
+
+def method_context(cfg: Any, student: nn.Module, teacher: nn.Module, student_name: str,
+                   teacher_name: str, train_labels: torch.Tensor, num_classes: int,
+                   device: torch.device) -> MethodContext:
+    """Probes both networks' feature shapes once (batch of 2) and packs the context."""
+    return MethodContext(
+        cfg=cfg,
+        student_shapes=models.feature_shapes(student), teacher_shapes=models.feature_shapes(teacher),
+        student_preact_shapes=models.feature_shapes(student, preact=True),
+        teacher_preact_shapes=models.feature_shapes(teacher, preact=True),
+        n_data=int(train_labels.numel()), train_labels=train_labels, num_classes=num_classes,
+        student=student, teacher=teacher, device=device,
+        student_name=student_name, teacher_name=teacher_name)
+
+
+class DistillObjective(nn.Module):
+    """The trainable module: the student plus the methods' own parts.
+
+    ``forward(images, labels, index, epoch, teacher_out)`` returns ``{"loss": 0-d,
+    "logits": [B, K], "terms": {"ce", "add_<name>", "main_<name>": 0-d unweighted}}``.
+    Losses are computed in fp32 outside autocast; methods with weight 0 are skipped.
+    """
+
+    def __init__(self, student: nn.Module, main: Distiller, add: Optional[Distiller],
+                 gamma: float, alpha: float, beta: float) -> None:
+        super().__init__()
+        self.student = student
+        self.main = main
+        self.add = add
+        self.weights = (gamma, alpha, beta)
+        self.use_main = beta != 0 and not getattr(main, "main_is_zero", False)
+        self.use_add = add is not None and alpha != 0
+        used = [m for m, on in ((main, self.use_main), (add, self.use_add)) if on]
+        self.feature_kind = common_feature_kind(used)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
+                epoch: int, teacher_out: Outputs) -> dict[str, Any]:
+        gamma, alpha, beta = self.weights
+        s = student_outputs(self.student, images, self.feature_kind)
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            batch = Batch(labels=labels, index=index, epoch=epoch)
+            ce = F.cross_entropy(s.logits, labels)
+            terms = {"ce": ce}
+            loss = gamma * ce
+            if self.use_add:
+                value = total_loss(self.add(s, teacher_out, batch))
+                terms[f"add_{self.add.name}"] = value
+                loss = loss + alpha * value
+            if self.use_main:
+                value = total_loss(self.main(s, teacher_out, batch))
+                terms[f"main_{self.main.name}"] = value
+                loss = loss + beta * value
+        return {"loss": loss, "logits": s.logits, "terms": terms}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student parameters plus each used method's trainable ones; freezes the rest."""
+        keep = list(self.student.parameters())
+        for method, used in ((self.main, self.use_main), (self.add, self.use_add)):
+            if method is None:
+                continue
+            mine = {id(p) for p in method.trainable_parameters()} if used else set()
+            for p in method.parameters():
+                p.requires_grad_(id(p) in mine)
+                if id(p) in mine:
+                    keep.append(p)
+        return keep
+
+    def task_state(self) -> dict[str, Any]:
+        """Method-owned state (memory banks, connectors, samplers) for the resume file."""
+        state = {"main": self.main.state_dict()}
+        if self.add is not None:
+            state["add"] = self.add.state_dict()
+        return state
+
+    def load_task_state(self, state: dict[str, Any]) -> None:
+        if "main" in state:
+            self.main.load_state_dict(state["main"])
+        if self.add is not None and "add" in state:
+            self.add.load_state_dict(state["add"])
+
+
+def resolve_weights(cfg: Any, teacher: str, student: str) -> tuple[float, float, float]:
+    """``(r, a, b)``: unset ``-a`` is 0; unset ``-b`` is the main method's usual weight."""
+    main_cls = METHODS.get(cfg.distill)
+    alpha = 0.0 if cfg.alpha is None else cfg.alpha
+    beta = main_cls.default_weight_for(teacher, student) if cfg.beta is None else cfg.beta
+    return float(cfg.gamma), float(alpha), float(beta)
+
+
+def describe_objective(gamma: float, alpha: float, beta: float, distill: str, add: Optional[str],
+                       main_is_zero: bool) -> str:
+    """The resolved formula printed at start, e.g. ``loss = 1·CE + 0·kd(add) + 3·wttm``."""
+    main = f"{beta:g}·{distill}" + (" (the seed's literal 0: --distill kd adds no main term)" if main_is_zero else "")
+    add_part = f" + {alpha:g}·{add}(add)" if add else ""
+    return f"loss = {gamma:g}·CE{add_part} + {main}"

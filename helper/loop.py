@@ -1,0 +1,200 @@
+"""The one generic training loop, shared by teacher and student training.
+
+The loop sees an *objective* (a module mapping a batch to named loss terms; the student
+plus whatever the methods own) and, for distillation, a frozen *teacher* callable. It knows
+nothing about which method runs. Meters stay on the device; the host reads them every
+``--print_freq`` steps and at the end of an epoch (the only sync points).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from helper import distributed
+from helper.checkpoint import atomic_save, rng_state
+from helper.config import Config, learning_rate_at
+from helper.distributed import DistEnv
+from helper.errors import UserError
+from helper.evaluate import evaluate
+from helper.logbook import Logbook, write_json
+from helper.speed import autocast
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+@dataclass
+class Progress:
+    """Where a run stands: the last finished epoch and the best test accuracy so far."""
+
+    epoch: int = 0
+    best_acc: float = 0.0
+    best_epoch: int = 0
+
+
+class DeviceMeters:
+    """Sums of loss terms and correct predictions, kept on the device (no per-step sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = torch.zeros((), device=device)
+
+    def update(self, terms: dict[str, torch.Tensor], correct: torch.Tensor, batch: int) -> None:
+        for name, value in terms.items():
+            acc = self.sums.get(name)
+            value = value.detach().float().reshape(()) * batch
+            self.sums[name] = value if acc is None else acc + value
+        acc = self.sums.get("correct")
+        self.sums["correct"] = correct.float() if acc is None else acc + correct.float()
+        self.count = self.count + batch
+
+    def read(self, env: Optional[DistEnv] = None) -> dict[str, float]:
+        """Means over the samples seen (summed over ranks); synchronises with the host."""
+        names = list(self.sums)
+        packed = torch.stack([self.sums[n] for n in names] + [self.count])
+        if env is not None:
+            packed = distributed.all_reduce_sum(packed.clone(), env)
+        values = packed.tolist()
+        count = max(values[-1], 1.0)
+        out = {n: v / count for n, v in zip(names, values[:-1])}
+        out["acc"] = 100.0 * out.pop("correct")
+        return out
+
+
+@dataclass
+class Trainer:
+    """Everything the generic loop needs for one run.
+
+    Attributes:
+        cfg: the validated configuration.
+        env: this process's rank and device.
+        objective: the trainable module (maybe DDP-wrapped): ``objective(images, labels,
+            index, epoch, teacher_out)`` returns ``{"loss": 0-d, "logits": [B, K],
+            "terms": {name: 0-d}}``.
+        model: the network that is evaluated and checkpointed (the student; unwrapped).
+        arch: its architecture name (checkpoint file names and ``'arch'``).
+        optimizer: SGD over the trainable parameters.
+        train_loader / test_loader: on-device loaders yielding ``(images, labels, index)``.
+        run_dir: the run folder.
+        logbook: per-epoch records (rank 0 only; None elsewhere).
+        teacher: maps images to the teacher's outputs, or None (teacher training).
+        task_state: returns the method-owned state saved in the resume checkpoint only.
+        memory_format: of the input batches.
+    """
+
+    cfg: Config
+    env: DistEnv
+    objective: nn.Module
+    model: nn.Module
+    arch: str
+    optimizer: torch.optim.Optimizer
+    train_loader: Any
+    test_loader: Iterable
+    run_dir: str
+    logbook: Optional[Logbook]
+    teacher: Optional[Callable[[torch.Tensor], Any]] = None
+    task_state: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training set; returns mean loss terms and accuracy."""
+        cfg, device = self.cfg, self.env.device
+        self.objective.train()
+        meters = DeviceMeters(device)
+        steps = len(self.train_loader)
+        for step, (images, labels, index) in enumerate(self.train_loader, start=1):
+            images = images.contiguous(memory_format=self.memory_format)
+            teacher_out = self.teacher(images) if self.teacher is not None else None
+            with autocast(device, cfg.precision):
+                out = self.objective(images, labels, index, epoch, teacher_out)
+            self.optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            self.optimizer.step()
+            correct = out["logits"].detach().argmax(dim=1).eq(labels).sum()
+            meters.update({"loss": out["loss"], **{f"loss_{k}": v for k, v in out["terms"].items()}},
+                          correct, labels.shape[0])
+            if step % cfg.print_freq == 0 or step == steps:
+                stats = meters.read(self.env)  # sync point: once per print_freq steps
+                self._check_finite(stats, epoch, step)
+                if self.env.is_main and step % cfg.print_freq == 0:
+                    print(f"epoch {epoch} [{step}/{steps}] loss {stats['loss']:.4f} acc {stats['acc']:.2f}",
+                          flush=True)
+        return stats
+
+    def _check_finite(self, stats: dict[str, float], epoch: int, step: int) -> None:
+        if not math.isfinite(stats["loss"]):
+            bad = [k for k, v in stats.items() if not math.isfinite(v)]
+            raise NonFiniteLoss(
+                f"loss became {stats['loss']} at epoch {epoch}, step {step} ({', '.join(bad)}); "
+                f"run stopped, last good checkpoint kept in {self.run_dir}")
+
+    def save_checkpoints(self, progress: Progress, test_acc: float) -> None:
+        """Best, periodic and resume checkpoints for the epoch just finished (rank 0)."""
+        cfg, epoch = self.cfg, progress.epoch
+        model_sd = self.model.state_dict()
+        plain = {"model": model_sd, "epoch": epoch, "best_acc": float(progress.best_acc), "arch": self.arch}
+        if progress.best_epoch == epoch:
+            atomic_save({**plain, "accuracy": float(test_acc)}, os.path.join(self.run_dir, f"{self.arch}_best.pth"))
+        if epoch % cfg.save_freq == 0:
+            atomic_save({**plain, "accuracy": float(test_acc), "optimizer": self.optimizer.state_dict()},
+                        os.path.join(self.run_dir, f"ckpt_epoch_{epoch}.pth"))
+        if epoch == cfg.epochs:
+            atomic_save({**plain, "accuracy": float(test_acc), "optimizer": self.optimizer.state_dict()},
+                        os.path.join(self.run_dir, f"{self.arch}_last.pth"))
+
+    def save_resume(self, progress: Progress) -> None:
+        """The resume checkpoint: everything needed to continue bit-for-bit (rank 0)."""
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": progress.epoch,
+            "best_acc": float(progress.best_acc),
+            "best_epoch": progress.best_epoch,
+            "arch": self.arch,
+            "task_state": self.task_state(),
+            "loader": self.train_loader.state_dict(),
+            "rng": rng_state(self.env.device),
+        }
+        atomic_save(state, os.path.join(self.run_dir, "resume.pth"))
+
+    def fit(self, progress: Progress) -> Progress:
+        """Trains from ``progress.epoch + 1`` to ``cfg.epochs``; returns the final progress."""
+        cfg = self.cfg
+        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+            lr = learning_rate_at(cfg, epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            start = time.perf_counter()
+            train = self.train_epoch(epoch)
+            test = evaluate(self.model, self.test_loader, cfg.precision, self.memory_format)
+            seconds = time.perf_counter() - start
+            progress.epoch = epoch
+            if test["acc1"] > progress.best_acc:
+                progress.best_acc, progress.best_epoch = test["acc1"], epoch
+            if self.env.is_main:
+                row = {"epoch": epoch, "lr": lr, "train_loss": train["loss"], "train_acc": train["acc"],
+                       "test_acc": test["acc1"], "test_acc5": test["acc5"], "test_loss": test["loss"],
+                       "seconds": seconds}
+                row.update({k: v for k, v in train.items() if k.startswith("loss_")})
+                self.save_checkpoints(progress, test["acc1"])
+                assert self.logbook is not None
+                self.logbook.log_epoch(row)
+                self.save_resume(progress)
+                print(f"epoch {epoch}/{cfg.epochs} lr {lr:.4g} train_loss {train['loss']:.4f} "
+                      f"train_acc {train['acc']:.2f} test_acc {test['acc1']:.2f} "
+                      f"(best {progress.best_acc:.2f}) {seconds:.1f}s", flush=True)
+            distributed.barrier(self.env)
+        if self.env.is_main:
+            last = self.logbook.rows[-1]["test_acc"] if self.logbook and self.logbook.rows else 0.0
+            write_json(os.path.join(self.run_dir, "summary.json"), {
+                "best_acc": progress.best_acc, "best_epoch": progress.best_epoch,
+                "last_acc": last, "epochs": cfg.epochs, "finished": True})
+        return progress

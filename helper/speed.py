@@ -1,0 +1,59 @@
+"""Precision, memory format and compilation switches (defaults chosen by measurement).
+
+See ``scripts/benchmark.py`` for the numbers behind the defaults.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """An autocast context for ``precision`` (a no-op for fp32)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """``torch.channels_last`` when asked, else the default contiguous format."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class CompiledOrEager(nn.Module):
+    """Calls a ``torch.compile``d module; on the first failure warns and runs eagerly.
+
+    ``state_dict`` and attribute access go to the wrapped module's own keys via
+    :attr:`module`, so checkpoints keep the reference key names.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self._compiled: Callable[..., Any] | None = torch.compile(module)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._compiled is not None:
+            try:
+                return self._compiled(*args, **kwargs)
+            except Exception as err:  # backend missing (no triton, no compiler): stay correct
+                warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); running eagerly")
+                self._compiled = None
+        return self.module(*args, **kwargs)
+
+
+def maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:
+    """Returns ``module`` compiled (with an eager fallback) when ``enabled``, else itself."""
+    if not enabled:
+        return module
+    if not hasattr(torch, "compile"):
+        warnings.warn("torch.compile is unavailable in this torch; running eagerly")
+        return module
+    return CompiledOrEager(module)
