@@ -1,0 +1,104 @@
+"""The CIFAR-100 networks of RepDistiller and the TTM paper, behind a name registry.
+
+Every network maps images ``[B, 3, H, W]`` (``H = W = 32`` for CIFAR) through
+``forward(x, is_feat=False, preact=False)`` to logits ``[B, K]``, or with ``is_feat=True`` to
+``(features, logits)``: ``features`` lists the per-stage maps ``[B, C, H, W]`` and, last, the
+pooled vector ``[B, D]`` that feeds the classifier; ``preact=True`` swaps in the
+pre-activation maps where the architecture defines them. State-dict keys are RepDistiller's,
+so the published teacher checkpoints load with ``model.load_state_dict(ckpt['model'])``.
+
+Architectures register themselves with :func:`register_model` when their file is imported
+(at the bottom of this file); ``model_dict``, ``model_names()`` and the CLI choices all come
+from that one registry.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["model_dict", "register_model", "model_names", "create_model", "feature_shapes"]
+
+ModelBuilder = Callable[..., nn.Module]
+
+model_dict: dict[str, ModelBuilder] = {}
+"""Name -> builder called as ``model_dict[name](num_classes=100)`` (the RepDistiller contract)."""
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator that adds a builder ``fn(num_classes: int) -> nn.Module`` under ``name``."""
+
+    def add(fn: ModelBuilder) -> ModelBuilder:
+        if name in model_dict:
+            raise ValueError(f"model {name!r} is registered twice")
+        model_dict[name] = fn
+        return fn
+
+    return add
+
+
+def model_names() -> list[str]:
+    """The registered architecture names, sorted (argparse choices, test parametrisation)."""
+    return sorted(model_dict)
+
+
+def create_model(name: str, num_classes: int) -> nn.Module:
+    """Builds the architecture ``name`` with a ``num_classes``-way classifier.
+
+    Raises:
+        KeyError: ``name`` is not registered; the message lists the valid names.
+    """
+    try:
+        builder = model_dict[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; choose from {', '.join(model_names())}") from None
+    return builder(num_classes=num_classes)
+
+
+@torch.no_grad()
+def feature_shapes(model: nn.Module, image_size: int = 32, preact: bool = False) -> list[torch.Size]:
+    """Shapes of ``model(x, is_feat=True, preact=preact)[0]`` for a batch of 2 zero images.
+
+    Methods size their connectors and embeddings from these (``[2, C, H, W]`` per stage, then
+    ``[2, D]``). The probe runs in eval mode, so no BatchNorm statistics move, and every
+    submodule's train/eval flag is restored afterwards.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    ref = next(model.parameters(), None)
+    x = torch.zeros(2, 3, image_size, image_size,
+                    device=None if ref is None else ref.device,
+                    dtype=None if ref is None else ref.dtype)
+    model.eval()
+    try:
+        feats, _ = model(x, is_feat=True, preact=preact)
+    finally:
+        for m, training in modes:
+            m.training = training
+    return [f.shape for f in feats]
+
+
+def he_init_(model: nn.Module, linear_std: float | None = None, zero_linear_bias: bool = False) -> None:
+    """Initialises ``model`` in place the way RepDistiller's architectures do.
+
+    Convolutions get He-normal weights (fan-out, ReLU gain) and zero bias, batch norms weight 1
+    and bias 0. Linear layers keep PyTorch's default unless ``linear_std`` is given (weights
+    ``N(0, linear_std**2)`` and zero bias) or ``zero_linear_bias`` is set.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0.0, linear_std)
+            if linear_std is not None or zero_linear_bias:
+                nn.init.zeros_(m.bias)
+
+
+# Importing the architecture files fills ``model_dict`` (they use the helpers above).
+from . import resnet, resnetv2, wrn, vgg, mobilenetv2, ShuffleNetv1, ShuffleNetv2  # noqa: E402,F401
