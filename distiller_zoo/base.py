@@ -131,6 +131,8 @@ class Distiller(nn.Module):
         logit_only: True when the method may be used as ``--add``.
         default_weight: the ``-b`` used when the flag is not given (the reference scripts').
         paper: one-line citation shown in ``--help`` and the README.
+        main_is_zero: True when the method contributes a literal zero as ``--distill`` (the
+            seed's ``kd``, whose KD term comes only through ``--add kd``); the loop honours it.
     """
 
     name: ClassVar[str] = ""
@@ -138,6 +140,7 @@ class Distiller(nn.Module):
     logit_only: ClassVar[bool] = False
     default_weight: ClassVar[float] = 1.0
     paper: ClassVar[str] = ""
+    main_is_zero: ClassVar[bool] = False
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__()

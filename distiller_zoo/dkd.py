@@ -1,0 +1,109 @@
+"""Decoupled knowledge distillation (``--distill dkd``)."""
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from helper.errors import UserError
+
+from .base import Batch, Distiller, MethodContext, Outputs, register
+from .kd import autograd_safe
+
+__all__ = ["dkd_loss"]
+
+DKD_BETA: dict[tuple[str, str], float] = {
+    # (teacher, student) -> beta of mdistiller's CIFAR-100 configs; other pairs use 8.
+    ("wrn_40_2", "wrn_16_2"): 6.0,
+    ("wrn_40_2", "wrn_40_1"): 6.0,
+    ("vgg13", "vgg8"): 6.0,
+    ("vgg13", "MobileNetV2"): 6.0,
+    ("resnet56", "resnet20"): 2.0,
+    ("resnet110", "resnet32"): 2.0,
+}
+DKD_BETA_DEFAULT = 8.0
+
+
+def _binary(p: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
+    """Class probabilities ``[B, K]`` → ``[B, 2]``: (target mass, non-target mass)."""
+    return torch.cat([(p * gt_mask).sum(1, keepdim=True), (p * ~gt_mask).sum(1, keepdim=True)], 1)
+
+
+def dkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor,
+             alpha: float, beta: float, temperature: float) -> torch.Tensor:
+    """Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge Distillation", CVPR 2022.
+
+    ``alpha * TCKD + beta * NCKD``, each a ``T**2``-scaled KL summed over the batch and
+    divided by ``B``: TCKD between the binary (target, rest) distributions, NCKD between the
+    distributions over the non-target classes (the target is removed by subtracting 1000
+    from its logit / T).
+
+    Args:
+        logits_student, logits_teacher: ``[B, K]``.
+        target: ``[B]`` int64 labels.
+        alpha, beta: weights of TCKD and NCKD.
+        temperature: softmax temperature T.
+    Returns:
+        0-d loss.
+    """
+    T = temperature
+    gt_mask = torch.zeros_like(logits_student).scatter_(1, target.reshape(-1, 1), 1).bool()
+    p_s = _binary(F.softmax(logits_student / T, dim=1), gt_mask)
+    p_t = _binary(F.softmax(logits_teacher / T, dim=1), gt_mask)
+    tckd = F.kl_div(torch.log(p_s), p_t, reduction="sum") * (T ** 2) / target.shape[0]
+    p_t_rest = F.softmax(logits_teacher / T - 1000.0 * gt_mask, dim=1)
+    log_p_s_rest = F.log_softmax(logits_student / T - 1000.0 * gt_mask, dim=1)
+    nckd = F.kl_div(log_p_s_rest, p_t_rest, reduction="sum") * (T ** 2) / target.shape[0]
+    return alpha * tckd + beta * nckd
+
+
+@register("dkd")
+class DKDMethod(Distiller):
+    """DKD on the logits, ramped up linearly over the first ``--dkd_warmup`` epochs."""
+
+    feature_kind = None
+    logit_only = True
+    default_weight = 1.0  # mdistiller's CE weight 1; alpha/beta live inside the loss
+    paper = "Zhao et al., Decoupled Knowledge Distillation, CVPR 2022"
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        cfg = ctx.cfg
+        beta: Optional[float] = cfg.dkd_beta
+        self.alpha = float(cfg.dkd_alpha)
+        self.beta = float(beta) if beta is not None else self.beta_for(ctx.teacher_name,
+                                                                       ctx.student_name)
+        self.T = float(cfg.dkd_T)
+        self.warmup = int(cfg.dkd_warmup)
+        if self.warmup < 0:
+            raise UserError(f"--dkd_warmup must be >= 0, got {self.warmup}")
+
+    @classmethod
+    def beta_for(cls, teacher: str, student: str) -> float:
+        """mdistiller's NCKD weight for a teacher→student pair (8 when it has no config)."""
+        return DKD_BETA.get((teacher, student), DKD_BETA_DEFAULT)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("DKD (--distill dkd)")
+        g.add_argument("--dkd_alpha", type=float, default=1.0,
+                       help="weight of the target-class term TCKD (default: 1.0)")
+        g.add_argument("--dkd_beta", type=float, default=None,
+                       help="weight of the non-target term NCKD (default: mdistiller's "
+                            "per-pair value: 6, 2, or 8 for pairs without a config)")
+        g.add_argument("--dkd_T", type=float, default=4.0,
+                       help="DKD softmax temperature (default: 4.0)")
+        g.add_argument("--dkd_warmup", type=int, default=20,
+                       help="epochs over which the DKD loss ramps up linearly; 0 disables the "
+                            "ramp (default: 20)")
+
+    def warmup_factor(self, epoch: int) -> float:
+        """``min(epoch / warmup, 1)`` with 1-based epochs, as mdistiller's DKD wrapper."""
+        return min(epoch / self.warmup, 1.0) if self.warmup > 0 else 1.0
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:
+        loss = dkd_loss(student.logits, autograd_safe(teacher.logits), batch.labels,
+                        self.alpha, self.beta, self.T)
+        return self.warmup_factor(batch.epoch) * loss
