@@ -1,0 +1,210 @@
+"""The six published CIFAR-100 teachers: where they live, whether a file is one, how good it is.
+
+    python -m helper.teachers check PATH --arch ARCH [--num_classes 100]
+    python -m helper.teachers list [--root save/models]
+    python -m helper.teachers verify [ARCH ...] [--root save/models] [--device auto]
+
+``check`` loads a file with ``weights_only=True`` into the architecture (keys and shapes
+must match exactly); it exits 0 when the file is a valid checkpoint, 3 when it is not (the
+fetch script deletes such files), 2 on a usage error. ``list`` shows which teachers are
+present and valid. ``verify`` scores each present teacher on the test set and flags any that
+is more than ``--tolerance`` points from the published top-1 (exit 1 when one is flagged).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from helper.errors import UserError, exit_on_user_error
+from helper.recipes import teacher_checkpoint
+
+# Published top-1 (%) of RepDistiller's teachers on the CIFAR-100 test set (paper Tables 1-4).
+PUBLISHED_TOP1 = {
+    "wrn_40_2": 75.61,
+    "resnet56": 72.34,
+    "resnet110": 74.31,
+    "resnet32x4": 79.42,
+    "vgg13": 74.64,
+    "ResNet50": 79.34,
+}
+TEACHER_ROOT = os.path.join("save", "models")
+EXIT_INVALID = 3
+
+
+class InvalidCheckpoint(Exception):
+    """The file exists but is not a loadable checkpoint of the expected architecture."""
+
+
+def _classifier_width(state: dict[str, torch.Tensor]) -> int:
+    """The number of classes: rows of the last 2-D weight (the classifier, registered last)."""
+    matrices = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    if not matrices:
+        raise InvalidCheckpoint("no classifier weight in the state dict")
+    return int(matrices[-1].shape[0])
+
+
+def load_teacher_file(path: str, arch: str, num_classes: Optional[int] = None
+                      ) -> tuple[nn.Module, dict]:
+    """Builds ``arch`` and loads ``path`` into it strictly, on the CPU.
+
+    Args:
+        path: a ``{'model': state_dict, ...}`` checkpoint.
+        arch: the architecture the file must hold.
+        num_classes: expected classifier width; None reads it from the file.
+
+    Returns:
+        The loaded model (eval mode) and the checkpoint dict.
+
+    Raises:
+        UserError: ``arch`` is not a known architecture.
+        InvalidCheckpoint: missing, truncated, not plain data, or keys/shapes that differ.
+    """
+    import models
+    from helper.checkpoint import load_checkpoint, load_weights, state_dict_of
+
+    if arch not in models.model_dict:
+        raise UserError(f"unknown architecture {arch!r}; choose from {', '.join(models.model_names())}")
+    try:
+        ckpt = load_checkpoint(path, f"{arch} checkpoint")
+        state = state_dict_of(ckpt, path)
+        model = models.create_model(arch, num_classes or _classifier_width(state))
+        load_weights(model, state, arch, path)
+    except UserError as err:
+        raise InvalidCheckpoint(str(err)) from None
+    return model.eval(), ckpt
+
+
+def stored_accuracy(ckpt: dict) -> Optional[float]:
+    """The accuracy a checkpoint records (ours: ``best_acc``; RepDistiller's: ``accuracy``)."""
+    for key in ("best_acc", "accuracy"):
+        value = ckpt.get(key)
+        if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+            return float(value)
+    return None
+
+
+def score(model: nn.Module, dataset: str, data_folder: str, device: torch.device,
+          batch_size: int = 500) -> float:
+    """Top-1 (%) of ``model`` on the test split of ``dataset``."""
+    from dataset import DeviceLoader, load_dataset
+    from helper.evaluate import evaluate
+
+    data = load_dataset(dataset, data_folder, download=True).to(device)
+    loader = DeviceLoader(data.test_images, data.test_labels, batch_size, data.mean, data.std,
+                          train=False, seed=0)
+    return evaluate(model.to(device), loader)["acc1"]
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        _, ckpt = load_teacher_file(args.path, args.arch, args.num_classes)
+    except InvalidCheckpoint as err:
+        print(f"invalid: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    acc = stored_accuracy(ckpt)
+    print(f"ok: {args.path} is a valid {args.arch} checkpoint"
+          + (f" (stored accuracy {acc:.2f})" if acc is not None else ""))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    print(f"{'arch':<11} {'published':>9}  status   path")
+    for arch, top1 in PUBLISHED_TOP1.items():
+        path = teacher_checkpoint(args.root, arch)
+        if not os.path.exists(path):
+            status = "missing"
+        else:
+            try:
+                load_teacher_file(path, arch, 100)
+                status = "valid"
+            except InvalidCheckpoint as err:
+                status = f"INVALID ({err})"
+        print(f"{arch:<11} {top1:>9.2f}  {status:<8} {path}")
+    return 0
+
+
+def _expected_table(pairs: Sequence[str]) -> dict[str, float]:
+    table = dict(PUBLISHED_TOP1)
+    for item in pairs:
+        arch, sep, value = item.partition("=")
+        try:
+            table[arch] = float(value)
+        except ValueError:
+            raise UserError(f"--expected wants ARCH=ACCURACY, got {item!r}") from None
+        if not sep:
+            raise UserError(f"--expected wants ARCH=ACCURACY, got {item!r}")
+    return table
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    expected = _expected_table(args.expected)
+    archs = args.archs or list(PUBLISHED_TOP1)
+    unknown = [a for a in archs if a not in expected]
+    if unknown:
+        raise UserError(f"no expected accuracy for {unknown[0]}; pass --expected {unknown[0]}=ACC")
+    present = [a for a in archs if os.path.exists(teacher_checkpoint(args.root, a))]
+    if not present:
+        raise UserError(f"no teacher checkpoints under {args.root}; run "
+                        "bash scripts/fetch_pretrained_teachers.sh")
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    flagged = 0
+    print(f"{'arch':<11} {'measured':>8} {'expected':>8} {'diff':>6}  verdict")
+    for arch in archs:
+        path = teacher_checkpoint(args.root, arch)
+        if arch not in present:
+            print(f"{arch:<11} {'-':>8} {expected[arch]:>8.2f} {'-':>6}  missing ({path})")
+            continue
+        try:
+            model, _ = load_teacher_file(path, arch)
+        except InvalidCheckpoint as err:
+            print(f"{arch:<11} {'-':>8} {expected[arch]:>8.2f} {'-':>6}  FLAG: {err}")
+            flagged += 1
+            continue
+        acc = score(model, args.dataset, args.data_folder, device)
+        diff = acc - expected[arch]
+        bad = abs(diff) > args.tolerance
+        flagged += bad
+        verdict = f"FLAG: more than {args.tolerance} points off" if bad else "ok"
+        print(f"{arch:<11} {acc:>8.2f} {expected[arch]:>8.2f} {diff:>+6.2f}  {verdict}")
+    if flagged:
+        print(f"{flagged} teacher(s) flagged", file=sys.stderr)
+    return 1 if flagged else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m helper.teachers", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="is PATH a valid checkpoint of ARCH? (exit 0 yes, 3 no)")
+    check.add_argument("path")
+    check.add_argument("--arch", required=True)
+    check.add_argument("--num_classes", type=int, default=None,
+                       help="expected classifier width (default: whatever the file holds)")
+    listing = sub.add_parser("list", help="which published teachers are present and valid")
+    verify = sub.add_parser("verify", help="score present teachers against the published top-1")
+    verify.add_argument("archs", nargs="*", help="subset of teachers (default: all six)")
+    verify.add_argument("--dataset", default="cifar100")
+    verify.add_argument("--data_folder", default="./data")
+    verify.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    verify.add_argument("--tolerance", type=float, default=0.3, help="allowed |measured - expected|")
+    verify.add_argument("--expected", action="append", default=[], metavar="ARCH=ACC",
+                        help="expected top-1 instead of the published one (repeatable)")
+    for p in (listing, verify):
+        p.add_argument("--root", default=TEACHER_ROOT,
+                       help="teacher folder: <root>/<arch>_vanilla/ckpt_epoch_240.pth")
+    return parser
+
+
+@exit_on_user_error
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"check": _cmd_check, "list": _cmd_list, "verify": _cmd_verify}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

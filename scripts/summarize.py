@@ -1,0 +1,271 @@
+"""The report: our accuracies next to the paper's, in the paper's layout.
+
+    python scripts/summarize.py [--save_root save/reproduce] [--table 1] [--no_plots]
+
+Reads the trial folders that ``scripts/reproduce.py`` writes and prints, for each table,
+methods as rows and teacher→student pairs as columns. Each cell gives the mean ± std over
+finished trials of the best-epoch test top-1 and of the last-epoch test top-1, the number of
+trials, the paper's value and our difference from it. Writes ``report.md`` and
+``report.csv`` (one row per cell) and, unless ``--no_plots``, one PNG per cell (test accuracy
+against epoch, trials overlaid, the paper's value as a line) under ``<save_root>/report/``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from helper.errors import UserError, exit_on_user_error  # noqa: E402
+from helper.logbook import read_metrics  # noqa: E402
+from helper.recipes import TABLES, Cell, load_cells, method_names, pairs_of  # noqa: E402
+
+HEADER = ("best = mean ± std over finished trials of each trial's best-epoch test top-1 (%); "
+          "last = the same for each trial's last epoch; the signed number in brackets is the "
+          "difference from the paper; n = finished trials, + unfinished ones, which no mean includes; "
+          "paper = the paper's value, which it does not say is best or last epoch. "
+          "std is the sample standard deviation (n - 1); '-' for a single trial.")
+CSV_COLUMNS = ["table", "teacher", "student", "method", "n_finished", "n_unfinished", "epochs",
+               "best_mean", "best_std", "last_mean", "last_std", "paper", "paper_std",
+               "paper_runs", "diff_best", "diff_last", "note"]
+
+
+@dataclass
+class TrialResult:
+    """One trial folder read back: its test-accuracy curve and whether it finished."""
+
+    name: str
+    epochs: list[int]
+    acc: list[float]
+    finished: bool
+    planned_epochs: Optional[int]
+    dataset: str
+
+    @property
+    def best(self) -> float:
+        return max(self.acc)
+
+    @property
+    def last(self) -> float:
+        return self.acc[-1]
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    trials: list[TrialResult] = field(default_factory=list)
+
+    @property
+    def finished(self) -> list[TrialResult]:
+        return [t for t in self.trials if t.finished]
+
+    @property
+    def unfinished(self) -> list[TrialResult]:
+        return [t for t in self.trials if not t.finished]
+
+    def stat(self, which: str) -> tuple[Optional[float], Optional[float]]:
+        """Mean and sample std of ``best`` or ``last`` over finished trials (None if absent)."""
+        values = [getattr(t, which) for t in self.finished]
+        if not values:
+            return None, None
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+    def diff(self, which: str) -> Optional[float]:
+        mean = self.stat(which)[0]
+        return None if mean is None or self.cell.paper is None else mean - self.cell.paper
+
+
+def read_trial(folder: str) -> Optional[TrialResult]:
+    """A trial folder's curve (None when it has not finished an epoch yet)."""
+    rows = read_metrics(os.path.join(folder, "metrics.csv"))
+    if not rows:
+        return None
+    summary, config = {}, {}
+    for name, target in (("summary.json", summary), ("config.json", config)):
+        if os.path.exists(os.path.join(folder, name)):
+            with open(os.path.join(folder, name)) as handle:
+                target.update(json.load(handle))
+    result = TrialResult(os.path.basename(folder), [int(r["epoch"]) for r in rows],
+                         [float(r["test_acc"]) for r in rows], bool(summary.get("finished")),
+                         summary.get("epochs", config.get("epochs")), config.get("dataset", "cifar100"))
+    if result.finished and abs(result.best - float(summary["best_acc"])) > 0.01:
+        print(f"warning: {folder}: summary.json best_acc {summary['best_acc']} differs from "
+              f"metrics.csv ({result.best})", file=sys.stderr)
+    return result
+
+
+def collect(save_root: str, tables: Sequence[int]) -> list[CellResult]:
+    """Every cell that has at least one trial with a finished epoch, in the paper's order."""
+    out = []
+    for cell in load_cells():
+        if tables and cell.table not in tables:
+            continue
+        pattern = os.path.join(save_root, "student_model", cell.cell_dir, "trial_*")
+        folders = sorted(glob.glob(pattern), key=lambda p: int(p.rsplit("_", 1)[-1])
+                         if p.rsplit("_", 1)[-1].isdigit() else math.inf)
+        trials = [t for t in map(read_trial, folders) if t is not None]
+        if trials:
+            out.append(CellResult(cell, trials))
+    return out
+
+
+def _fmt(mean: Optional[float], std: Optional[float], diff: Optional[float]) -> str:
+    if mean is None:
+        return ""
+    text = f"{mean:.2f} ± " + (f"{std:.2f}" if std is not None else "-")
+    return text + (f" ({diff:+.2f})" if diff is not None else "")
+
+
+def _paper(cell: Cell) -> str:
+    mark = " †" if cell.note and cell.paper is not None else ""
+    return "n/a ‡" if cell.paper is None else f"{cell.paper:.2f}{mark}"
+
+
+def _lines(result: Optional[CellResult]) -> list[str]:
+    """The best, last and n lines of one cell ('' where the cell has no run)."""
+    if result is None:
+        return ["", "", ""]
+    (bm, bs), (lm, ls) = result.stat("best"), result.stat("last")
+    unfinished = f" +{len(result.unfinished)} unfinished" if result.unfinished else ""
+    return [_fmt(bm, bs, result.diff("best")), _fmt(lm, ls, result.diff("last")),
+            f"{len(result.finished)}{unfinished}"]
+
+
+def grid(results: list[CellResult], table: int) -> tuple[list[str], list[list[str]]]:
+    """The paper-layout table: header and rows (method, stat, one column per pair)."""
+    mine = [r for r in results if r.cell.table == table]
+    pairs = [(t, s) for tab, t, s in pairs_of(r.cell for r in mine) if tab == table]
+    by_key = {(r.cell.method, r.cell.teacher, r.cell.student): r for r in mine}
+    paper = {(c.method, c.teacher, c.student): _paper(c) for c in load_cells() if c.table == table}
+    header = ["method", "stat"] + [f"{t}→{s}" for t, s in pairs]
+    rows = [["teacher", "paper"] + [paper[("teacher", t, s)] for t, s in pairs]]
+    for method in method_names(r.cell for r in mine):
+        columns = [_lines(by_key.get((method, t, s))) + [paper[(method, t, s)]] for t, s in pairs]
+        for i, stat in enumerate(("best", "last", "n", "paper")):
+            rows.append([method if i == 0 else "", stat] + [col[i] for col in columns])
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plain(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header] + rows)
+
+
+def notes(results: list[CellResult]) -> list[str]:
+    out = []
+    for note in dict.fromkeys(r.cell.note for r in results if r.cell.note):
+        methods = sorted({r.cell.method for r in results if r.cell.note == note})
+        out.append(f"{', '.join(methods)}: {note}")
+    epochs = {t.planned_epochs for r in results for t in r.trials}
+    if len(epochs) > 1:
+        out.append(f"warning: trials of different lengths are mixed (epochs: {sorted(map(str, epochs))})")
+    return out
+
+
+def csv_rows(results: list[CellResult]) -> list[dict]:
+    rows = []
+    for r in results:
+        (bm, bs), (lm, ls) = r.stat("best"), r.stat("last")
+        rows.append(dict(table=r.cell.table, teacher=r.cell.teacher, student=r.cell.student,
+                         method=r.cell.method, n_finished=len(r.finished), n_unfinished=len(r.unfinished),
+                         epochs=";".join(sorted({str(t.planned_epochs) for t in r.trials})),
+                         best_mean=bm, best_std=bs, last_mean=lm, last_std=ls, paper=r.cell.paper,
+                         paper_std=r.cell.paper_std, paper_runs=r.cell.runs, diff_best=r.diff("best"),
+                         diff_last=r.diff("last"), note=r.cell.note))
+    return rows
+
+
+def plot(result: CellResult, path: str) -> None:
+    """Test accuracy against epoch for each trial, the paper's value as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cell = result.cell
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t in result.trials:
+        ax.plot(t.epochs, t.acc, linestyle="-" if t.finished else ":", marker="." if len(t.acc) < 20 else None,
+                label=f"{t.name} (best {t.best:.2f}, last {t.last:.2f}{'' if t.finished else ', unfinished'})")
+    if cell.paper is not None:
+        ax.axhline(cell.paper, color="black", linestyle="--", label=f"paper {cell.paper:.2f}")
+    ax.set(xlabel="epoch", ylabel="test top-1 (%)",
+           title=f"Table {cell.table}: {cell.method}, {cell.teacher}→{cell.student}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(results: list[CellResult], out: str, plots: bool) -> str:
+    """Writes report.md, report.csv and the curves; returns the plain-text report."""
+    os.makedirs(out, exist_ok=True)
+    md, text = [f"# Reproduction report\n\n{HEADER}\n"], []
+    for table in sorted({r.cell.table for r in results}):
+        header, rows = grid(results, table)
+        data = ", ".join(sorted({t.dataset for r in results if r.cell.table == table for t in r.trials}))
+        where = "CIFAR-100" if data == "cifar100" else f"ours on {data}, the paper's on CIFAR-100"
+        title = f"Table {table}: {TABLES[table]} (test top-1 %, {where})"
+        md += [f"## {title}\n", markdown(header, rows), ""]
+        text += [title, plain(header, rows), ""]
+    extra = notes(results)
+    if any(r.cell.note for r in results):
+        extra.append("† a gap in the paper filled by our choice; ‡ no paper value")
+    if extra:
+        md += ["Notes:\n"] + [f"- {n}" for n in extra] + [""]
+        text += ["Notes:"] + [f"  {n}" for n in extra] + [""]
+    text.append(HEADER)
+    if plots:
+        md.append("## Curves\n")
+        for r in results:
+            rel = os.path.join("curves", r.cell.cell_dir + ".png")
+            plot(r, os.path.join(out, rel))
+            md.append(f"- [Table {r.cell.table}, {r.cell.method}, {r.cell.teacher}→{r.cell.student}]({rel})")
+    with open(os.path.join(out, "report.md"), "w") as handle:
+        handle.write("\n".join(md) + "\n")
+    with open(os.path.join(out, "report.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, CSV_COLUMNS)
+        writer.writeheader()
+        for row in csv_rows(results):
+            writer.writerow({k: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else v)
+                             for k, v in row.items()})
+    return "\n".join(text)
+
+
+@exit_on_user_error
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="Summarise reproduction runs next to the paper's numbers.")
+    p.add_argument("--save_root", default=os.path.join("save", "reproduce"),
+                   help="the --save_root given to scripts/reproduce.py")
+    p.add_argument("--table", type=int, choices=(1, 2), action="append", default=[],
+                   help="only this table (repeatable)")
+    p.add_argument("--out", default=None, help="report folder (default <save_root>/report)")
+    p.add_argument("--no_plots", "--no-plots", dest="no_plots", action="store_true",
+                   help="skip the PNG curves")
+    args = p.parse_args(argv)
+    results = collect(args.save_root, args.table)
+    if not results:
+        raise UserError(f"no trial with a finished epoch under {os.path.join(args.save_root, 'student_model')}")
+    out = args.out or os.path.join(args.save_root, "report")
+    print(write_report(results, out, plots=not args.no_plots))
+    print(f"\nwrote {os.path.join(out, 'report.md')} and report.csv" + ("" if args.no_plots else " and curves/"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
