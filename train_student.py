@@ -22,7 +22,8 @@ from helper.errors import UserError, exit_on_user_error
 from helper.evaluate import evaluate
 from helper.init_stage import run_init_stage
 from helper.loop import Trainer
-from helper.run import load_data, make_loaders, make_logbook, open_run_dir, restore, seed_everything
+from helper.run import (load_data, make_loaders, make_logbook, open_run_dir, restore, resumed_seed,
+                        seed_everything)
 from helper.speed import autocast, maybe_compile, memory_format
 
 
@@ -69,6 +70,10 @@ def parse_config(argv: Optional[Sequence[str]], env: distributed.DistEnv) -> tup
         value = getattr(args, flag)
         if value is not None and not (torch.isfinite(torch.tensor(float(value))) and value >= 0):
             raise UserError(f"--{flag} must be a finite non-negative number, got {value}")
+    if args.kd_T == 0:  # the KD logits are divided by it
+        raise UserError("--kd_T must be positive, got 0")
+    if args.add == "none" and args.alpha:
+        raise UserError(f"-a {args.alpha} weights the --add loss, but --add is none")
     if args.init_epochs < 0:
         raise UserError("--init_epochs must be >= 0")
     values = derive_common(args, args.model_s)
@@ -83,9 +88,40 @@ def build_objective(cfg: Config, env, data, teacher, teacher_name: str) -> Disti
     student = models.create_model(cfg.model_s, data.num_classes).to(env.device)
     ctx = method_context(cfg, student, teacher, cfg.model_s, teacher_name,
                          data.train_labels, data.num_classes, env.device)
-    main = METHODS.get(cfg.distill)(ctx).to(env.device)
-    add = METHODS.get(cfg.add)(ctx).to(env.device) if cfg.add and cfg.alpha else None
+    main = build_method(cfg.distill, ctx).to(env.device)
+    add = build_method(cfg.add, ctx).to(env.device) if cfg.add and cfg.alpha else None
     return DistillObjective(student, main, add, cfg.gamma, cfg.alpha, cfg.beta)
+
+
+def build_method(name: str, ctx) -> torch.nn.Module:
+    """Builds a registered method; a pair it cannot be built for is a one-line UserError."""
+    try:
+        return METHODS.get(name)(ctx)
+    except ValueError as err:  # connectors that cannot map these feature shapes
+        raise UserError(f"{name} cannot be built for teacher {ctx.teacher_name} and student "
+                        f"{ctx.student_name}: {err}") from None
+
+
+def assemble_step(cfg: Config, env: distributed.DistEnv, objective: DistillObjective,
+                  teacher: torch.nn.Module, fmt: torch.memory_format
+                  ) -> tuple[torch.nn.Module, FrozenTeacher, torch.optim.Optimizer, torch.nn.Module]:
+    """What one training step runs (``scripts/benchmark.py`` times exactly this).
+
+    Returns the plain student (evaluated, checkpointed), the frozen teacher (compiled when
+    ``--compile``), SGD over the student's and methods' trainable parameters, and the
+    trainable module the loop calls: the objective with its student compiled when asked,
+    DDP-wrapped on several ranks (the teacher stays outside DDP).
+    """
+    teacher.to(memory_format=fmt)
+    objective.student.to(memory_format=fmt)
+    params = objective.trainable_parameters()  # before DDP: it registers what requires grad
+    optimizer = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    frozen = FrozenTeacher(maybe_compile(teacher, cfg.compile), objective.feature_kind,
+                           lambda: autocast(env.device, cfg.precision))
+    student = objective.student
+    objective.student = maybe_compile(student, cfg.compile)
+    return student, frozen, optimizer, distributed.wrap(objective, env)
 
 
 @exit_on_user_error
@@ -93,13 +129,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     """Distils the student; returns the path of its best checkpoint."""
     env = distributed.setup(parse_with(build_parser(), argv).device)
     cfg, _ = parse_config(argv, env)
-    seed_everything(cfg.seed)
     data = load_data(cfg, env)
     teacher, teacher_name = load_teacher(cfg.path_t, data.num_classes, env.device, cfg.model_t)
     gamma, alpha, beta = resolve_weights(cfg, teacher_name, cfg.model_s)
     cfg = cfg.replace(model_t=teacher_name, gamma=gamma, alpha=alpha, beta=beta)
     run_name = cfg.run_name or default_run_name(cfg)
     run_dir = os.path.join(cfg.save_root, "student_model", run_name)
+    cfg = resumed_seed(cfg, run_dir)
+    seed_everything(cfg.seed)
     fmt = memory_format(cfg.channels_last)
     objective = build_objective(cfg, env, data, teacher, teacher_name)
     formula = describe_objective(gamma, alpha, beta, cfg.distill, cfg.add if objective.use_add else None,
@@ -111,15 +148,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if env.is_main:
         print(f"teacher {teacher_name} ({cfg.path_t}): test acc {teacher_acc['acc1']:.2f}", flush=True)
         print(f"student {cfg.model_s} on {cfg.dataset}, {env.device}, seed {cfg.seed}: {formula}", flush=True)
-    objective.student.to(memory_format=fmt)
-    trainable = objective.trainable_parameters()
-    optimizer = torch.optim.SGD(trainable, lr=cfg.learning_rate, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    compiled_teacher = maybe_compile(teacher, cfg.compile)
-    frozen = FrozenTeacher(compiled_teacher, objective.feature_kind, lambda: autocast(env.device, cfg.precision))
-    student = objective.student
-    objective.student = maybe_compile(student, cfg.compile)
-    trainer = Trainer(cfg, env, distributed.wrap(objective, env), student, cfg.model_s,
+    student, frozen, optimizer, trainable = assemble_step(cfg, env, objective, teacher, fmt)
+    trainer = Trainer(cfg, env, trainable, student, cfg.model_s,
                       optimizer, train_loader, test_loader, run_dir, None, teacher=frozen,
                       task_state=objective.task_state, memory_format=fmt)
     progress = restore(trainer, objective.load_task_state)

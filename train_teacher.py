@@ -19,7 +19,8 @@ from helper import distributed
 from helper.config import Config, OneLineParser, add_common_arguments, derive_common, parse_with
 from helper.errors import UserError, exit_on_user_error
 from helper.loop import Trainer
-from helper.run import load_data, make_loaders, make_logbook, open_run_dir, restore, seed_everything
+from helper.run import (load_data, make_loaders, make_logbook, open_run_dir, restore, resumed_seed,
+                        seed_everything)
 from helper.speed import maybe_compile, memory_format
 
 
@@ -66,6 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     env = distributed.setup(parse_with(build_parser(), argv).device)
     cfg = parse_config(argv, env)
     run_dir = os.path.join(cfg.save_root, "models", cfg.run_name or run_folder_name(cfg))
+    cfg = resumed_seed(cfg, run_dir)
     open_run_dir(cfg, env, run_dir)
     seed_everything(cfg.seed)
     fmt = memory_format(cfg.channels_last)

@@ -183,6 +183,8 @@ def resolve_weights(cfg: Any, teacher: str, student: str) -> tuple[float, float,
 def describe_objective(gamma: float, alpha: float, beta: float, distill: str, add: Optional[str],
                        main_is_zero: bool) -> str:
     """The resolved formula printed at start, e.g. ``loss = 1·CE + 0·kd(add) + 3·wttm``."""
-    main = f"{beta:g}·{distill}" + (" (the seed's literal 0: --distill kd adds no main term)" if main_is_zero else "")
+    main = f"{beta:g}·{distill}"
+    if main_is_zero:
+        main += f" (a literal 0: --distill {distill} adds no main-stage term)"
     add_part = f" + {alpha:g}·{add}(add)" if add else ""
     return f"loss = {gamma:g}·CE{add_part} + {main}"

@@ -1,6 +1,7 @@
 """What both entry scripts do around the loop: seeds, data, run folder, resume."""
 from __future__ import annotations
 
+import json
 import os
 import random
 from typing import Any, Callable, Optional
@@ -43,6 +44,25 @@ def make_loaders(cfg: Config, env: DistEnv, data: ImageDataset,
     test = DeviceLoader(data.test_images, data.test_labels, EVAL_BATCH, data.mean, data.std,
                         train=False, seed=cfg.seed, memory_format=memory_format)
     return train, test
+
+
+def resumed_seed(cfg: Config, run_dir: str) -> Config:
+    """``cfg`` with the seed of the run it resumes, when ``--resume`` is given without ``--seed``.
+
+    A drawn seed differs on every start, but the continued run must keep the one it began
+    with (the loader's shuffles and crops derive from it); it is read from the run's
+    ``config.json``. Without a previous run, ``cfg`` is returned unchanged.
+    """
+    path = os.path.join(run_dir, "config.json")
+    if not (cfg.resume and cfg.seed_drawn and os.path.exists(path)):
+        return cfg
+    try:
+        with open(path) as handle:
+            seed = int(json.load(handle)["seed"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"cannot read the seed of the run being resumed from {path} ({err}); "
+                        f"pass --seed") from None
+    return cfg.replace(seed=seed)
 
 
 def open_run_dir(cfg: Config, env: DistEnv, run_dir: str, extra: Optional[dict[str, Any]] = None) -> None:

@@ -1,0 +1,143 @@
+"""Shared helpers of the end-to-end tests of ``train_teacher.py`` and ``train_student.py``.
+
+The end-to-end tests call the entry scripts' ``main(argv)`` in-process on the bundled digits
+set. To keep the whole suite within a few minutes on 2 CPU cores they shrink digits to its
+first ``SMALL_TRAIN`` training and ``SMALL_TEST`` test images (the split is already shuffled
+and stratified, so every class is present): everything else (flags, loader, augmentation,
+loop, checkpoints, logs) is the real code path. The data is shrunk by swapping
+``helper.run.load_dataset``, the one place both scripts load data through.
+
+Run as a script, this module is the subprocess launcher of the tests that need a real
+process (``kill -9``, exit status, stderr)::
+
+    python tests/train_utils.py teacher|student N_TRAIN N_TEST -- ARGS...
+
+which shrinks digits to ``N_TRAIN``/``N_TEST`` images and runs ``train_<who>.main(ARGS)``.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SMALL_TRAIN = 64
+SMALL_TEST = 50
+TEACHER_ARCH = "resnet14"
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_acc", "test_acc5", "test_loss",
+                  "seconds"]
+
+
+def shrink(data, n_train: int, n_test: int):
+    """The first ``n_train`` training and ``n_test`` test images of an ImageDataset."""
+    return dataclasses.replace(
+        data, train_images=data.train_images[:n_train], train_labels=data.train_labels[:n_train],
+        test_images=data.test_images[:n_test], test_labels=data.test_labels[:n_test])
+
+
+def small_loader(n_train: int = SMALL_TRAIN, n_test: int = SMALL_TEST):
+    """A ``load_dataset`` whose ``digits`` is shrunk (other data sets are untouched)."""
+    import dataset
+
+    def load(name: str, data_folder: str, download: bool = True):
+        data = dataset.load_dataset(name, data_folder, download)
+        return shrink(data, n_train, n_test) if name == "digits" else data
+
+    return load
+
+
+def install_small_digits(monkeypatch, n_train: int = SMALL_TRAIN, n_test: int = SMALL_TEST) -> None:
+    """Makes ``--dataset digits`` load the shrunk set for in-process runs."""
+    import helper.run
+
+    monkeypatch.setattr(helper.run, "load_dataset", small_loader(n_train, n_test))
+
+
+def read_metrics(path: os.PathLike) -> tuple[list[str], list[dict[str, str]]]:
+    """``metrics.csv`` → (header, rows as dicts of strings)."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def load(path: os.PathLike) -> dict[str, Any]:
+    """A checkpoint, loaded the only way the project allows."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def only_run_dir(root: os.PathLike) -> Path:
+    """The single run folder directly under ``root``."""
+    dirs = [p for p in Path(root).iterdir() if p.is_dir()]
+    assert len(dirs) == 1, f"expected one run folder in {root}, found {dirs}"
+    return dirs[0]
+
+
+_TEACHERS: dict[str, str] = {}
+
+
+def digits_teacher(tmp_path_factory, monkeypatch_cls) -> str:
+    """The best checkpoint of a ``TEACHER_ARCH`` teacher trained for one epoch on the small
+    digits set; trained once per test session and shared by every test module."""
+    if TEACHER_ARCH not in _TEACHERS:
+        import train_teacher
+
+        root = tmp_path_factory.mktemp("teacher")
+        with monkeypatch_cls.context() as mp:
+            install_small_digits(mp)
+            _TEACHERS[TEACHER_ARCH] = train_teacher.main([
+                "--model", TEACHER_ARCH, "--dataset", "digits", "--epochs", "1", "--seed", "3",
+                "--save_root", str(root), "--device", "cpu"])
+    return _TEACHERS[TEACHER_ARCH]
+
+
+def subprocess_env(threads: int = 1) -> dict[str, str]:
+    """The environment of a child run: deterministic thread count, no network."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(REPO))
+    # Any download attempt goes to a closed loopback port and fails at once (urllib honours
+    # the proxy variables), instead of waiting on the real network.
+    for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env[key] = "http://127.0.0.1:9"
+    for key in ("no_proxy", "NO_PROXY"):
+        env.pop(key, None)
+    return env
+
+
+def launcher_command(who: str, args: Sequence[str], n_train: int = SMALL_TRAIN,
+                     n_test: int = SMALL_TEST) -> list[str]:
+    """The command line of a child run of ``train_<who>.main(args)`` on shrunk digits."""
+    return [sys.executable, str(Path(__file__).resolve()), who, str(n_train), str(n_test), "--",
+            *args]
+
+
+def assert_one_line_error(stderr: str) -> str:
+    """stderr is exactly one ``error: ...`` line, with no traceback; returns that line."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def _launch(argv: Sequence[str]) -> None:
+    who, n_train, n_test, sep, *args = argv
+    assert sep == "--" and who in ("teacher", "student"), argv
+    import helper.run
+
+    helper.run.load_dataset = small_loader(int(n_train), int(n_test))
+    __import__(f"train_{who}").main(args)
+
+
+if __name__ == "__main__":
+    _launch(sys.argv[1:])
