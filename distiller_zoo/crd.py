@@ -8,6 +8,7 @@ import zlib
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from helper.errors import UserError
@@ -227,6 +228,14 @@ class ContrastSampler:
         self.generator.set_state(state.cpu())
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 @register("crd")
 class CRDMethod(Distiller):
     """CRD on the pooled features, with negatives drawn on the device by
@@ -249,7 +258,8 @@ class CRDMethod(Distiller):
                                  nce_m=cfg.nce_m, n_data=ctx.n_data)
         self.criterion = CRDLoss(opt).to(ctx.device)
         generator = torch.Generator(device=ctx.train_labels.device)
-        generator.manual_seed((int(cfg.seed) + _SEED_SALT) % 2 ** 63)
+        # each DDP rank draws its own negatives (rank 0 keeps the single-process stream)
+        generator.manual_seed((int(cfg.seed) + _SEED_SALT + 1000003 * _rank()) % 2 ** 63)
         self.sampler = ContrastSampler(ctx.train_labels, cfg.nce_k, cfg.mode, generator)
 
     @classmethod
@@ -264,7 +274,29 @@ class CRDMethod(Distiller):
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:
         contrast_idx = self.sampler.draw(batch.index)
         loss = self.criterion(student.pooled, autograd_safe(teacher.pooled), batch.index, contrast_idx)
+        if _world_size() > 1:
+            self._share_memory_updates(batch.index)
         return loss.reshape(())
+
+    @torch.no_grad()
+    def _share_memory_updates(self, index: torch.Tensor) -> None:
+        """Under DDP, gives every rank the memory rows the other ranks just updated.
+
+        Each rank updates the rows of its own shard of the global batch; gathering
+        ``(index, rows)`` from all ranks makes every bank hold the update of the whole
+        global batch, as a single process would (the shards are disjoint).
+        """
+        contrast = self.criterion.contrast
+        world = _world_size()
+        rows = torch.cat([contrast.memory_v1[index], contrast.memory_v2[index]], dim=1)
+        all_index = [torch.empty_like(index) for _ in range(world)]
+        all_rows = [torch.empty_like(rows) for _ in range(world)]
+        dist.all_gather(all_index, index.contiguous())
+        dist.all_gather(all_rows, rows.contiguous())
+        index, rows = torch.cat(all_index), torch.cat(all_rows)
+        half = contrast.memory_v1.shape[1]
+        contrast.memory_v1.index_copy_(0, index, rows[:, :half])
+        contrast.memory_v2.index_copy_(0, index, rows[:, half:])
 
     def get_extra_state(self) -> dict[str, torch.Tensor]:
         return {"sampler_rng": self.sampler.get_state()}

@@ -6,6 +6,7 @@ rank 0 writes logs and checkpoints.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -67,7 +68,12 @@ def wrap(module: nn.Module, env: DistEnv) -> nn.Module:
     if not env.enabled:
         return module
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    # No per-step buffer broadcast: it would ship CRD's 51 MB memory bank from rank 0 every
+    # step (CRD shares its own updates); BN running statistics stay per rank, rank 0's are saved.
+    # torch >= 2.12 renames the switch (the old name warns); buffers still agree at init.
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters:
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
