@@ -23,7 +23,7 @@ from helper.evaluate import evaluate
 from helper.init_stage import run_init_stage
 from helper.loop import Trainer
 from helper.run import (load_data, make_loaders, make_logbook, open_run_dir, restore, resumed_seed,
-                        seed_everything)
+                        seed_everything, train_and_report)
 from helper.speed import autocast, maybe_compile, memory_format
 
 
@@ -158,14 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         objective.trainable_parameters()  # re-freeze what only the init stage trains
     text_log = os.path.join(cfg.save_root, "student_log", run_name + ".txt")
     trainer.logbook = make_logbook(env, run_dir, progress, text_log)
-    progress = trainer.fit(progress)
-    best = os.path.join(run_dir, f"{cfg.model_s}_best.pth")
-    if env.is_main:
-        trainer.logbook.close()
-        print(f"best test accuracy {progress.best_acc:.2f} at epoch {progress.best_epoch}; "
-              f"best checkpoint: {best}", flush=True)
-    distributed.teardown(env)
-    return best
+    return train_and_report(trainer, progress)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from helper.config import Config, OneLineParser, add_common_arguments, derive_co
 from helper.errors import UserError, exit_on_user_error
 from helper.loop import Trainer
 from helper.run import (load_data, make_loaders, make_logbook, open_run_dir, restore, resumed_seed,
-                        seed_everything)
+                        seed_everything, train_and_report)
 from helper.speed import maybe_compile, memory_format
 
 
@@ -84,14 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                       run_dir, None, memory_format=fmt)
     progress = restore(trainer)
     trainer.logbook = make_logbook(env, run_dir, progress)
-    progress = trainer.fit(progress)
-    best = os.path.join(run_dir, f"{cfg.model}_best.pth")
-    if env.is_main:
-        trainer.logbook.close()
-        print(f"best test accuracy {progress.best_acc:.2f} at epoch {progress.best_epoch}; "
-              f"best checkpoint: {best}", flush=True)
-    distributed.teardown(env)
-    return best
+    return train_and_report(trainer, progress)
 
 
 if __name__ == "__main__":

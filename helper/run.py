@@ -11,6 +11,7 @@ import torch
 
 from dataset import ImageDataset, load_dataset
 from dataset.loader import DeviceLoader
+from helper import distributed
 from helper.checkpoint import load_checkpoint, set_rng_state
 from helper.config import Config
 from helper.distributed import DistEnv
@@ -110,3 +111,19 @@ def restore(trainer: Trainer, load_task_state: Callable[[dict[str, Any]], None] 
 def make_logbook(env: DistEnv, run_dir: str, progress: Progress, text_log: Optional[str] = None) -> Optional[Logbook]:
     """The rank-0 logbook, dropping rows of epochs after the resumed one."""
     return Logbook(run_dir, text_log, start_epoch=progress.epoch + 1) if env.is_main else None
+
+
+def train_and_report(trainer: Trainer, progress: Progress) -> str:
+    """Runs the remaining epochs, prints where the best checkpoint is, leaves the group.
+
+    Returns:
+        The path of the best checkpoint, ``<run_dir>/<arch>_best.pth``.
+    """
+    progress = trainer.fit(progress)
+    best = os.path.join(trainer.run_dir, f"{trainer.arch}_best.pth")
+    if trainer.env.is_main:
+        trainer.logbook.close()
+        print(f"best test accuracy {progress.best_acc:.2f} at epoch {progress.best_epoch}; "
+              f"best checkpoint: {best}", flush=True)
+    distributed.teardown(trainer.env)
+    return best
