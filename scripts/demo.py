@@ -1,6 +1,6 @@
 """The offline demo: a teacher and two distilled students (KD, WTTM) on bundled digits.
 
-    python scripts/demo.py [--epochs 15] [--save_root save/demo]
+    python scripts/demo.py [--epochs 12] [--save_root save/demo]
 
 Runs on the CPU in a few minutes; prints both students' accuracies and their run folders.
 """
@@ -16,12 +16,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_student  # noqa: E402
 import train_teacher  # noqa: E402
 
-TEACHER, STUDENT = "resnet20", "resnet8"
+TEACHER, STUDENT = "resnet14", "resnet8"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--save_root", default="save/demo")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
