@@ -261,6 +261,7 @@ class CRDMethod(Distiller):
         # each DDP rank draws its own negatives (rank 0 keeps the single-process stream)
         generator.manual_seed((int(cfg.seed) + _SEED_SALT + 1000003 * _rank()) % 2 ** 63)
         self.sampler = ContrastSampler(ctx.train_labels, cfg.nce_k, cfg.mode, generator)
+        self._z_shared = False
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -297,9 +298,19 @@ class CRDMethod(Distiller):
         half = contrast.memory_v1.shape[1]
         contrast.memory_v1.index_copy_(0, index, rows[:, :half])
         contrast.memory_v2.index_copy_(0, index, rows[:, half:])
+        if not self._z_shared:  # Z came from each rank's own first batch: use their mean
+            z = contrast.params[2:4].clone()
+            dist.all_reduce(z)
+            contrast.params[2:4] = z / world
+            contrast._consts = None
+            self._z_shared = True
 
     def get_extra_state(self) -> dict[str, torch.Tensor]:
         return {"sampler_rng": self.sampler.get_state()}
 
     def set_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         self.sampler.set_state(state["sampler_rng"])
+        if _rank() > 0:  # resume files hold rank 0's stream; derive this rank's own from it
+            gen = self.sampler.generator
+            draw = int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=gen.device).item())
+            gen.manual_seed((draw + 1000003 * _rank()) % 2 ** 63)
