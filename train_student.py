@@ -117,10 +117,10 @@ def assemble_step(cfg: Config, env: distributed.DistEnv, objective: DistillObjec
     params = objective.trainable_parameters()  # before DDP: it registers what requires grad
     optimizer = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    frozen = FrozenTeacher(maybe_compile(teacher, cfg.compile), objective.feature_kind,
+    frozen = FrozenTeacher(maybe_compile(teacher, cfg.compile, cfg.compile_mode), objective.feature_kind,
                            lambda: autocast(env.device, cfg.precision))
     student = objective.student
-    objective.student = maybe_compile(student, cfg.compile)
+    objective.student = maybe_compile(student, cfg.compile, cfg.compile_mode)
     return student, frozen, optimizer, distributed.wrap(objective, env)
 
 

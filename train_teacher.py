@@ -73,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     fmt = memory_format(cfg.channels_last)
     data = load_data(cfg, env)
     model = models.create_model(cfg.model, data.num_classes).to(env.device, memory_format=fmt)
-    objective = distributed.wrap(ClassifierObjective(maybe_compile(model, cfg.compile)), env)
+    objective = distributed.wrap(ClassifierObjective(maybe_compile(model, cfg.compile, cfg.compile_mode)), env)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     train_loader, test_loader = make_loaders(cfg, env, data, fmt)

@@ -17,6 +17,7 @@ import sys
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from helper.errors import UserError
+from helper.speed import COMPILE_MODES
 
 LIGHT_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 DEFAULT_LR = 0.05
@@ -104,6 +105,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--channels_last", action="store_true", help="channels_last memory format")
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the networks (falls back to eager with a warning)")
+    speed.add_argument("--compile_mode", default="default",
+                       choices=COMPILE_MODES,
+                       help="torch.compile mode with --compile; reduce-overhead adds CUDA graphs")
 
 
 def parse_decay_epochs(text: str) -> list[int]:

@@ -61,7 +61,7 @@ HEADLINE = "resnet32x4:resnet8x4"  # the issue's epoch target: WTTM under 1.5 s 
 RECIPE_ROW = {"kd": "KD", "wttm": "WTTM", "crd": "CRD", "dkd": "DKD", "itrd": "ITRD"}
 EAGER = ("fp32", "fp32+cl", "bf16", "bf16+cl")
 COMPILED = tuple(s + "+compile" for s in EAGER)
-EXPERIMENTAL = ("fp32+cudnn", "bf16+cl+cudnn", "bf16+cl+cg", "fp32+cg")  # not flags yet: evidence for them
+EXPERIMENTAL = ("fp32+cudnn", "bf16+cl+cudnn", "bf16+cl+cg", "fp32+cg")  # cudnn is not a flag; cg = --compile_mode reduce-overhead
 # Dense tensor-core peaks (TFLOP/s) from NVIDIA's H100/H200 SXM data sheets; fp32 convolutions
 # run as TF32 under PyTorch's default cudnn.allow_tf32=True. Only used for the FLOP floor.
 PEAK_TFLOPS = {"H100": {"fp32": 495.0, "bf16": 989.0}, "H200": {"fp32": 495.0, "bf16": 989.0}}
@@ -105,7 +105,7 @@ class Setting:
 
     def flags(self) -> list[str]:
         return (["--precision", self.precision] + ["--channels_last"] * self.channels_last
-                + ["--compile"] * self.compile)
+                + ["--compile"] * self.compile + ["--compile_mode", "reduce-overhead"] * self.cudagraphs)
 
 
 class Clock:
@@ -204,14 +204,7 @@ def build_trainer(pair: str, method: str, setting: Setting, env: distributed.Dis
     teacher = models.create_model(teacher_name, data.num_classes).to(env.device).eval().requires_grad_(False)
     objective = train_student.build_objective(cfg, env, data, teacher, teacher_name)
     fmt = memory_format(setting.channels_last)
-    real_compile = getattr(torch, "compile", None)
-    if setting.cudagraphs and real_compile is not None:  # what --compile would do, in CUDA-graph mode
-        torch.compile = lambda module, **kw: real_compile(module, mode="reduce-overhead", **kw)
-    try:
-        student, frozen, optimizer, trainable = train_student.assemble_step(cfg, env, objective, teacher, fmt)
-    finally:
-        if real_compile is not None:
-            torch.compile = real_compile
+    student, frozen, optimizer, trainable = train_student.assemble_step(cfg, env, objective, teacher, fmt)
     trainer = Trainer(cfg, env, trainable, student, student_name, optimizer, loader, test_loader,
                       args.save_root, None, teacher=frozen, memory_format=fmt)
     return trainer, objective, frozen

@@ -91,6 +91,20 @@ def test_compile_runs(tmp_path, monkeypatch):
     assert not [w for w in caught if "torch.compile" in str(w.message)]  # no eager fallback
 
 
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    """--compile_mode reduce-overhead (CUDA graphs on a GPU) is what torch.compile is asked for."""
+    real, modes = torch.compile, []
+
+    def aot_eager(module, mode=None, **kwargs):
+        modes.append(mode)
+        return real(module, backend="aot_eager")
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    torch._dynamo.reset()
+    finite_metrics(teacher_run(tmp_path, "--compile", "--compile_mode", "reduce-overhead"))
+    torch._dynamo.reset()
+    assert modes == ["reduce-overhead"]
+
+
 @pytest.mark.skipif(os.environ.get("KD_SLOW_TESTS") != "1", reason="CPU inductor takes minutes; KD_SLOW_TESTS=1")
 def test_compile_with_inductor(tmp_path):
     torch._dynamo.reset()
