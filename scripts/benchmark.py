@@ -77,10 +77,10 @@ QUICK = dict(pairs="resnet8:resnet8", methods="crd", settings="fp32", warmup=1, 
 class Setting:
     """One point of the speed grid, named like ``bf16+cl+compile``.
 
-    ``+cl`` is ``--channels_last``, ``+compile`` is ``--compile``; two points are not (yet)
-    flags of the scripts and are measured as evidence for them: ``+cudnn`` turns on
-    ``torch.backends.cudnn.benchmark`` and ``+cg`` compiles with ``mode="reduce-overhead"``
-    (CUDA graphs, against launch overhead).
+    ``+cl`` is ``--channels_last``, ``+compile`` is ``--compile``, ``+cg`` is ``--compile
+    --compile_mode reduce-overhead`` (CUDA graphs, against launch overhead); ``+cudnn``
+    (``torch.backends.cudnn.benchmark``) is not a flag of the scripts and is measured as
+    evidence for one.
     """
 
     precision: str = "fp32"
