@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register_model
+from . import feature_output, run_stages, register_model
 
 
 class ShuffleBlock(nn.Module):
@@ -112,18 +112,9 @@ class ShuffleNet(nn.Module):
         the last ReLU), and the pooled vector ``[B, 960]``.
         """
         x = F.relu(self.bn1(self.conv1(x)))
-        feats, pre = [x], [x]
-        for layer in (self.layer1, self.layer2, self.layer3):
-            x, x_pre = layer(x)
-            feats.append(x)
-            pre.append(x_pre)
+        x, feats, pre = run_stages(x, (self.layer1, self.layer2, self.layer3))
         x = F.avg_pool2d(x, 4).flatten(1)
-        feats.append(x)
-        pre.append(x)
-        logits = self.linear(x)
-        if is_feat:
-            return (pre if preact else feats), logits
-        return logits
+        return feature_output(feats, pre, x, self.linear(x), is_feat, preact)
 
 
 @register_model("ShuffleV1")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register_model
+from . import feature_output, run_stages, register_model
 from .ShuffleNetv1 import ShuffleBlock
 
 
@@ -127,19 +127,10 @@ class ShuffleNetV2(nn.Module):
         ``[B, 1024]`` taken after the 1x1 head.
         """
         x = F.relu(self.bn1(self.conv1(x)))
-        feats, pre = [x], [x]
-        for layer in (self.layer1, self.layer2, self.layer3):
-            x, x_pre = layer(x)
-            feats.append(x)
-            pre.append(x_pre)
+        x, feats, pre = run_stages(x, (self.layer1, self.layer2, self.layer3))
         x = F.relu(self.bn2(self.conv2(x)))
         x = F.avg_pool2d(x, 4).flatten(1)
-        feats.append(x)
-        pre.append(x)
-        logits = self.linear(x)
-        if is_feat:
-            return (pre if preact else feats), logits
-        return logits
+        return feature_output(feats, pre, x, self.linear(x), is_feat, preact)
 
 
 @register_model("ShuffleV2")

@@ -100,5 +100,32 @@ def he_init_(model: nn.Module, linear_std: float | None = None, zero_linear_bias
                 nn.init.zeros_(m.bias)
 
 
+def run_stages(x: torch.Tensor, stages) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Runs residual stages whose last block returns ``(out, preact)``.
+
+    Args:
+        x: the stem output ``[B, C, H, W]`` (the first feature of both lists).
+        stages: modules mapping a map to ``(out, preact)``.
+
+    Returns:
+        The last stage's output, and the feature lists without and with pre-activation:
+        ``[stem, stage outputs...]`` and ``[stem, stage preacts...]``.
+    """
+    feats, pre = [x], [x]
+    for stage in stages:
+        x, x_pre = stage(x)
+        feats.append(x)
+        pre.append(x_pre)
+    return x, feats, pre
+
+
+def feature_output(feats: list[torch.Tensor], pre: list[torch.Tensor], pooled: torch.Tensor,
+                   logits: torch.Tensor, is_feat: bool, preact: bool):
+    """The contract return of ``forward``: logits, or ``(features + [pooled], logits)``."""
+    if not is_feat:
+        return logits
+    return (pre if preact else feats) + [pooled], logits
+
+
 # Importing the architecture files fills ``model_dict`` (they use the helpers above).
 from . import resnet, resnetv2, wrn, vgg, mobilenetv2, ShuffleNetv1, ShuffleNetv2  # noqa: E402,F401

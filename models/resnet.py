@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import he_init_, register_model
+from . import feature_output, run_stages, he_init_, register_model
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -102,18 +102,9 @@ class ResNet(nn.Module):
         sums before the last ReLU), and the pooled vector ``[B, C3]``.
         """
         x = self.relu(self.bn1(self.conv1(x)))
-        feats, pre = [x], [x]
-        for layer in (self.layer1, self.layer2, self.layer3):
-            x, x_pre = layer(x)
-            feats.append(x)
-            pre.append(x_pre)
+        x, feats, pre = run_stages(x, (self.layer1, self.layer2, self.layer3))
         x = self.avgpool(x).flatten(1)
-        feats.append(x)
-        pre.append(x)
-        logits = self.fc(x)
-        if is_feat:
-            return (pre if preact else feats), logits
-        return logits
+        return feature_output(feats, pre, x, self.fc(x), is_feat, preact)
 
 
 _THIN = (16, 16, 32, 64)

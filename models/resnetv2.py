@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import he_init_, register_model
+from . import feature_output, run_stages, he_init_, register_model
 
 
 class Bottleneck(nn.Module):
@@ -95,18 +95,9 @@ class BottleneckResNet(nn.Module):
         list ``[features, logits]`` when ``preact`` is set; this returns a tuple throughout.
         """
         x = F.relu(self.bn1(self.conv1(x)))
-        feats, pre = [x], [x]
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x, x_pre = layer(x)
-            feats.append(x)
-            pre.append(x_pre)
+        x, feats, pre = run_stages(x, (self.layer1, self.layer2, self.layer3, self.layer4))
         x = self.avgpool(x).flatten(1)
-        feats.append(x)
-        pre.append(x)
-        logits = self.linear(x)
-        if is_feat:
-            return (pre if preact else feats), logits
-        return logits
+        return feature_output(feats, pre, x, self.linear(x), is_feat, preact)
 
 
 @register_model("ResNet50")
