@@ -53,9 +53,11 @@ class TTMMethod(Distiller):
     default_weight = 8.0  # the most common -b of the paper's TTM recipes (Tables 8-9)
     paper = "Zheng & Yang, Knowledge Distillation Based on Transformed Teacher Matching, ICLR 2024"
 
+    loss_class: type[nn.Module] = TTM  # WTTM reuses this adapter with its own loss
+
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
-        self.criterion = TTM(float(ctx.cfg.ttm_l))
+        self.criterion = self.loss_class(float(ctx.cfg.ttm_l))
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:
         return self.criterion(student.logits, autograd_safe(teacher.logits))

@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Batch, Distiller, MethodContext, Outputs, register
-from .kd import autograd_safe
-from .ttm import per_sample_kl, power_transform
+from .base import register
+from .ttm import TTMMethod, per_sample_kl, power_transform
 
 __all__ = ["WTTM"]
 
@@ -32,17 +31,8 @@ class WTTM(nn.Module):
 
 
 @register("wttm")
-class WTTMMethod(Distiller):
-    """WTTM on the logits with power ``--ttm_l``."""
+class WTTMMethod(TTMMethod):
+    """WTTM on the logits with power ``--ttm_l`` (TTM's adapter with the WTTM loss)."""
 
-    feature_kind = None
-    logit_only = True
+    loss_class = WTTM
     default_weight = 3.0  # the most common -b of the paper's WTTM recipes (Tables 8-9)
-    paper = "Zheng & Yang, Knowledge Distillation Based on Transformed Teacher Matching, ICLR 2024"
-
-    def __init__(self, ctx: MethodContext) -> None:
-        super().__init__(ctx)
-        self.criterion = WTTM(float(ctx.cfg.ttm_l))
-
-    def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:
-        return self.criterion(student.logits, autograd_safe(teacher.logits))
