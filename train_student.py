@@ -18,7 +18,7 @@ from helper import distributed
 from helper.config import Config, OneLineParser, add_common_arguments, derive_common, parse_with
 from helper.distill import (DistillObjective, FrozenTeacher, describe_objective, load_teacher,
                             method_context, resolve_weights)
-from helper.errors import UserError, exit_on_user_error
+from errors import UserError, exit_on_user_error
 from helper.evaluate import evaluate
 from helper.init_stage import run_init_stage
 from helper.loop import Trainer

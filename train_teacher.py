@@ -17,7 +17,7 @@ from torch import nn
 import models
 from helper import distributed
 from helper.config import Config, OneLineParser, add_common_arguments, derive_common, parse_with
-from helper.errors import UserError, exit_on_user_error
+from errors import UserError, exit_on_user_error
 from helper.loop import Trainer
 from helper.run import (load_data, make_loaders, make_logbook, open_run_dir, restore, resumed_seed,
                         seed_everything, train_and_report)

@@ -11,7 +11,7 @@ from dataset.base import CIFAR100_MEAN, CIFAR100_STD, ImageDataset
 from dataset.cifar100 import CIFAR100_MD5, CIFAR100_URL, load_cifar100
 from dataset.digits import load_digits32
 from dataset.loader import DeviceLoader, augment, draw_augmentation, normalize
-from helper.errors import UserError
+from errors import UserError
 
 _LOADERS: dict[str, Callable[[str, bool], ImageDataset]] = {
     "cifar100": lambda data_folder, download: load_cifar100(data_folder, download),

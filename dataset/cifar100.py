@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from dataset.base import CIFAR100_MEAN, CIFAR100_STD, ImageDataset
-from helper.errors import UserError
+from errors import UserError
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"

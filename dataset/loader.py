@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from helper.errors import UserError
+from errors import UserError
 
 Device = Union[str, torch.device, None]
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from helper.errors import UserError
+from errors import UserError
 from models.util import Embed
 
 from .base import Batch, Distiller, MethodContext, Outputs, register

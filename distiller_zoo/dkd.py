@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from helper.errors import UserError
+from errors import UserError
 
 from .base import Batch, Distiller, MethodContext, Outputs, register
 from .kd import autograd_safe

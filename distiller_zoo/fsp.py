@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helper.errors import UserError
+from errors import UserError
 
 from .base import Batch, Distiller, InitStage, MethodContext, Outputs, register, sum_list
 from .kd import autograd_safe

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from helper.errors import UserError
+from errors import UserError
 from models.util import ConvReg
 
 from .base import Batch, Distiller, MethodContext, Outputs, register

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helper.errors import UserError
+from errors import UserError
 from models.util import LinearEmbed
 
 from .base import Batch, Distiller, MethodContext, Outputs, register

@@ -13,7 +13,22 @@ from typing import Any, Callable
 
 import torch
 
-from helper.errors import UserError
+from errors import UserError
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (``os.umask``
+    alone can only be read by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -21,6 +36,8 @@ def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> 
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
     try:
+        # mkstemp creates the file 0600; give it the mode open() would (0644 under umask 022)
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()

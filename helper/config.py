@@ -16,7 +16,7 @@ import random
 import sys
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from helper.errors import UserError
+from errors import UserError
 from helper.speed import COMPILE_MODES
 
 LIGHT_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")

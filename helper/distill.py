@@ -17,7 +17,7 @@ import models
 from distiller_zoo import METHODS, Batch, Distiller, MethodContext, Outputs
 from distiller_zoo.base import total_loss
 from helper.checkpoint import load_checkpoint, load_weights, state_dict_of
-from helper.errors import UserError
+from errors import UserError
 
 
 def teacher_arch_from_path(path: str) -> str:

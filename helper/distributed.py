@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from helper.errors import UserError
+from errors import UserError
 
 
 @dataclass(frozen=True)

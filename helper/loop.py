@@ -20,7 +20,7 @@ from helper import distributed
 from helper.checkpoint import atomic_save, rng_state
 from helper.config import Config, learning_rate_at
 from helper.distributed import DistEnv
-from helper.errors import UserError
+from errors import UserError
 from helper.evaluate import evaluate
 from helper.logbook import Logbook, write_json
 from helper.speed import autocast

@@ -15,7 +15,7 @@ from helper import distributed
 from helper.checkpoint import load_checkpoint, set_rng_state
 from helper.config import Config
 from helper.distributed import DistEnv
-from helper.errors import UserError
+from errors import UserError
 from helper.logbook import Logbook, write_json
 from helper.loop import Progress, Trainer
 

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from helper.errors import UserError, exit_on_user_error
+from errors import UserError, exit_on_user_error
 from helper.recipes import teacher_checkpoint
 
 # Published top-1 (%) of RepDistiller's teachers on the CIFAR-100 test set (paper Tables 1-4).

@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from helper.errors import UserError, exit_on_user_error  # noqa: E402
+from errors import UserError, exit_on_user_error  # noqa: E402
 from helper.recipes import Cell, load_cells, select, teacher_checkpoint  # noqa: E402
 
 LOCK = ".reproduce.lock"

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from helper.errors import UserError, exit_on_user_error  # noqa: E402
+from errors import UserError, exit_on_user_error  # noqa: E402
 from helper.logbook import read_metrics  # noqa: E402
 from helper.recipes import TABLES, Cell, load_cells, method_names, pairs_of  # noqa: E402
 

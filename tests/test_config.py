@@ -9,7 +9,7 @@ import pytest
 
 from helper.config import (DEFAULT_LR, LIGHT_LR, Config, default_learning_rate, derive_common,
                            learning_rate_at, parse_decay_epochs)
-from helper.errors import UserError
+from errors import UserError
 
 import train_teacher
 

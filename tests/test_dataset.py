@@ -19,7 +19,7 @@ from cifar_fixtures import (LoopbackServer, cifar_archive, cifar_pickles, dump_p
                             make_tar_gz, make_tiny_cifar, md5_hex, unused_url)
 from dataset import (CIFAR100_MEAN, CIFAR100_STD, DATASETS, ImageDataset, load_cifar100,
                      load_dataset, load_digits32)
-from helper.errors import UserError
+from errors import UserError
 
 ARCHIVE = "cifar-100-python.tar.gz"
 

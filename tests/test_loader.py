@@ -8,7 +8,7 @@ import torch
 
 from dataset import CIFAR100_MEAN, CIFAR100_STD, DeviceLoader, augment, draw_augmentation
 from dataset import normalize
-from helper.errors import UserError
+from errors import UserError
 
 MEAN, STD = CIFAR100_MEAN, CIFAR100_STD
 # 0.999 quantiles of chi-square (computed with mpmath): a correct sampler fails 1 in 1000.

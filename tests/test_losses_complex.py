@@ -24,7 +24,7 @@ from distiller_zoo.factor import FTMethod
 from distiller_zoo.fsp import FSPMethod
 from distiller_zoo.itrd import ITLoss, ITRDMethod
 from distiller_zoo.vid import VIDMethod
-from helper.errors import UserError
+from errors import UserError
 from models import feature_shapes
 
 

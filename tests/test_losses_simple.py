@@ -20,7 +20,7 @@ import distiller_zoo as dz
 from distiller_zoo.base import METHODS, Batch, MethodContext, Outputs
 from distiller_zoo.dkd import DKDMethod
 from distiller_zoo.kd import autograd_safe
-from helper.errors import UserError
+from errors import UserError
 
 B, K = 6, 10
 S_SHAPES = [(B, 8, 8, 8), (B, 8, 8, 8), (B, 16, 4, 4), (B, 32, 2, 2), (B, 32)]

@@ -25,7 +25,7 @@ from distiller_zoo.base import _Registry, total_loss
 from helper import distributed
 from helper.distill import (DistillObjective, FrozenTeacher, method_context, resolve_weights,
                             student_outputs)
-from helper.errors import UserError
+from errors import UserError
 from helper.init_stage import run_init_stage
 from helper.recipes import load_cells
 
