@@ -1,11 +1,14 @@
-"""The CIFAR-100 networks of RepDistiller and the TTM paper, behind a name registry.
+"""The CIFAR-100 networks of RepDistiller and the TTM paper, and the ImageNet networks of
+torchvision and mdistiller, behind a name registry.
 
-Every network maps images ``[B, 3, H, W]`` (``H = W = 32`` for CIFAR) through
+Every network maps images ``[B, 3, H, W]`` (``H = W = 32`` for CIFAR, 224 for ImageNet; see
+:func:`input_size`) through
 ``forward(x, is_feat=False, preact=False)`` to logits ``[B, K]``, or with ``is_feat=True`` to
 ``(features, logits)``: ``features`` lists the per-stage maps ``[B, C, H, W]`` and, last, the
 pooled vector ``[B, D]`` that feeds the classifier; ``preact=True`` swaps in the
-pre-activation maps where the architecture defines them. State-dict keys are RepDistiller's,
-so the published teacher checkpoints load with ``model.load_state_dict(ckpt['model'])``.
+pre-activation maps where the architecture defines them. State-dict keys are RepDistiller's
+(CIFAR), torchvision's (``resnet18/34/50``) and mdistiller's (``mobilenet_v1``), so the
+published weights load with ``model.load_state_dict(state_dict)``.
 
 Architectures register themselves with :func:`register_model` when their file is imported
 (at the bottom of this file); ``model_dict``, ``model_names()`` and the CLI choices all come
@@ -18,29 +21,59 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["model_dict", "register_model", "model_names", "create_model", "feature_shapes"]
+__all__ = ["model_dict", "register_model", "model_names", "input_size", "create_model", "feature_shapes"]
 
 ModelBuilder = Callable[..., nn.Module]
 
 model_dict: dict[str, ModelBuilder] = {}
 """Name -> builder called as ``model_dict[name](num_classes=100)`` (the RepDistiller contract)."""
 
+_input_sizes: dict[str, int] = {}
+"""Name -> side in pixels of the square images the network is built for (filled with ``model_dict``)."""
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator that adds a builder ``fn(num_classes: int) -> nn.Module`` under ``name``."""
+
+def register_model(name: str, input_size: int = 32) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator that adds a builder ``fn(num_classes: int) -> nn.Module`` under ``name``.
+
+    Args:
+        name: the registry name (``--model``, ``--model_s``).
+        input_size: side of the images the network is designed for, in pixels: 32 for the
+            CIFAR networks, 224 for the ImageNet ones.
+    """
 
     def add(fn: ModelBuilder) -> ModelBuilder:
         if name in model_dict:
             raise ValueError(f"model {name!r} is registered twice")
         model_dict[name] = fn
+        _input_sizes[name] = input_size
         return fn
 
     return add
 
 
-def model_names() -> list[str]:
-    """The registered architecture names, sorted (argparse choices, test parametrisation)."""
-    return sorted(model_dict)
+def model_names(input_size: int | None = None) -> list[str]:
+    """The registered architecture names, sorted (argparse choices, test parametrisation).
+
+    Args:
+        input_size: keep only the networks built for this image side (32 or 224); all when None.
+    """
+    return sorted(n for n in model_dict if input_size is None or _input_sizes[n] == input_size)
+
+
+def _unknown(name: str) -> KeyError:
+    return KeyError(f"unknown model {name!r}; choose from {', '.join(model_names())}")
+
+
+def input_size(name: str) -> int:
+    """Side in pixels of the square images the architecture ``name`` takes (32 or 224).
+
+    Raises:
+        KeyError: ``name`` is not registered; the message lists the valid names.
+    """
+    try:
+        return _input_sizes[name]
+    except KeyError:
+        raise _unknown(name) from None
 
 
 def create_model(name: str, num_classes: int) -> nn.Module:
@@ -52,7 +85,7 @@ def create_model(name: str, num_classes: int) -> nn.Module:
     try:
         builder = model_dict[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; choose from {', '.join(model_names())}") from None
+        raise _unknown(name) from None
     return builder(num_classes=num_classes)
 
 
@@ -61,8 +94,9 @@ def feature_shapes(model: nn.Module, image_size: int = 32, preact: bool = False)
     """Shapes of ``model(x, is_feat=True, preact=preact)[0]`` for a batch of 2 zero images.
 
     Methods size their connectors and embeddings from these (``[2, C, H, W]`` per stage, then
-    ``[2, D]``). The probe runs in eval mode, so no BatchNorm statistics move, and every
-    submodule's train/eval flag is restored afterwards.
+    ``[2, D]``); probe at the network's own side, ``input_size(name)`` (224 for ImageNet).
+    The probe runs in eval mode, so no BatchNorm statistics move, and every submodule's
+    train/eval flag is restored afterwards.
     """
     modes = [(m, m.training) for m in model.modules()]
     ref = next(model.parameters(), None)
@@ -129,3 +163,4 @@ def feature_output(feats: list[torch.Tensor], pre: list[torch.Tensor], pooled: t
 
 # Importing the architecture files fills ``model_dict`` (they use the helpers above).
 from . import resnet, resnetv2, wrn, vgg, mobilenetv2, ShuffleNetv1, ShuffleNetv2  # noqa: E402,F401
+from . import resnet_imagenet, mobilenetv1  # noqa: E402,F401
