@@ -1,0 +1,143 @@
+"""What a DataLoader worker does with one batch request, and how the main process finishes it.
+
+The main process sends a :class:`BatchRequest` (sample indices, and for training the
+uniforms already drawn for them); a worker answers with a plain dict of tensors:
+
+- ``"pixels"`` mode (CPU path): the worker reads, decodes (PIL), crops and resizes, and
+  returns ``uint8 [b, 3, S, S]``; the main process only flips and normalises.
+- ``"bytes"`` mode (GPU path): the worker reads the files and returns their bytes packed in
+  one tensor (one shared-memory segment per batch, not one per image); files nvJPEG should
+  not see (grayscale, CMYK, non-JPEG) are decoded by PIL in the worker. The main process
+  decodes the rest on the device and makes the views there, with the same crop code.
+
+A file that cannot be read or decoded is left out of the batch and named in ``"skipped"``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from dataset.imagefolder import Split
+from dataset.imagenet_decode import (BatchDecoder, DecodeError, decode_bytes, decode_file,
+                                     gpu_decodable, read_bytes)
+from dataset.imagenet_transforms import DRAWS, eval_views, flips, stack, train_views
+
+Skipped = list[tuple[str, str]]  # (path, reason)
+
+
+class BatchRequest(NamedTuple):
+    """One batch, as the sampler hands it to a worker.
+
+    Attributes:
+        index: ``[B]`` int64 sample indices into the split.
+        uniforms: ``[B, DRAWS]`` float64 training draws, or None for evaluation views.
+    """
+
+    index: torch.Tensor
+    uniforms: Optional[torch.Tensor]
+
+
+class ImageBatches(torch.utils.data.Dataset):
+    """The map-style data set the DataLoader workers index with :class:`BatchRequest` s.
+
+    Args:
+        split: file list of the split.
+        mode: ``"pixels"`` (decode and crop here) or ``"bytes"`` (read only, mostly).
+        size: output side in pixels (224).
+        resize_size: shorter side before the evaluation centre crop (256).
+    """
+
+    def __init__(self, split: Split, mode: str, size: int, resize_size: int) -> None:
+        if mode not in ("pixels", "bytes"):
+            raise ValueError(f"mode must be 'pixels' or 'bytes', got {mode!r}")
+        self.split, self.mode, self.size, self.resize_size = split, mode, size, resize_size
+
+    def __len__(self) -> int:
+        return len(self.split.paths)
+
+    def __getitem__(self, request: BatchRequest) -> dict:
+        if self.mode == "pixels":
+            return self._pixels(request)
+        return self._bytes(request)
+
+    def _pixels(self, request: BatchRequest) -> dict:
+        images, kept, skipped = [], [], []
+        for row, i in enumerate(request.index.tolist()):
+            path = self.split.path(i)
+            try:
+                images.append(decode_file(path))
+            except DecodeError as err:
+                skipped.append((path, str(err)))
+                continue
+            kept.append(row)
+        kept_t = torch.tensor(kept, dtype=torch.int64)
+        if request.uniforms is None:
+            pixels = eval_views(images, self.size, self.resize_size)
+            flip = torch.zeros(len(kept), dtype=torch.bool)
+        else:
+            uniforms = request.uniforms[kept_t]
+            pixels, flip = train_views(images, uniforms, self.size), flips(uniforms)
+        return {"pixels": pixels, "flip": flip, "index": request.index[kept_t], "skipped": skipped}
+
+    def _bytes(self, request: BatchRequest) -> dict:
+        encoded, decoded, on_device, kept, skipped = [], [], [], [], []
+        for row, i in enumerate(request.index.tolist()):
+            path = self.split.path(i)
+            try:
+                data = read_bytes(path)
+                to_device = gpu_decodable(data)
+                if to_device:
+                    encoded.append(data)
+                else:
+                    decoded.append(decode_bytes(data))
+            except DecodeError as err:
+                skipped.append((path, str(err)))
+                continue
+            on_device.append(to_device)
+            kept.append(row)
+        kept_t = torch.tensor(kept, dtype=torch.int64)
+        offsets = torch.zeros(len(encoded) + 1, dtype=torch.int64)
+        torch.cumsum(torch.tensor([len(d) for d in encoded], dtype=torch.int64), 0,
+                     out=offsets[1:])
+        data = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8) if encoded \
+            else torch.empty(0, dtype=torch.uint8)
+        uniforms = (torch.empty(len(kept), 0, dtype=torch.float64) if request.uniforms is None
+                    else request.uniforms[kept_t])
+        index = request.index[kept_t]
+        return {"data": data, "offsets": offsets, "decoded": decoded,
+                "on_device": torch.tensor(on_device, dtype=torch.bool), "uniforms": uniforms,
+                "index": index, "paths": [self.split.path(i) for i in index.tolist()],
+                "skipped": skipped}
+
+
+def finish_bytes_batch(raw: dict, decoder: BatchDecoder, train: bool, size: int, resize_size: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Skipped]:
+    """Main process, ``"bytes"`` mode: decode on the device, then crop and resize there.
+
+    Returns:
+        ``(pixels [b, 3, size, size] uint8 on the device, flip [b] bool, index [b] int64,
+        skipped)`` where ``skipped`` adds the files the device decoder could not decode.
+    """
+    data, offsets = raw["data"], raw["offsets"].tolist()
+    encoded = [data[offsets[k]:offsets[k + 1]] for k in range(len(offsets) - 1)]
+    from_device = iter(decoder.decode(encoded))
+    from_worker = iter(raw["decoded"])
+    images, kept, skipped = [], [], list(raw["skipped"])
+    for row, (on_device, path) in enumerate(zip(raw["on_device"].tolist(), raw["paths"])):
+        image = next(from_device) if on_device else next(from_worker).to(decoder.device)
+        if isinstance(image, DecodeError):
+            skipped.append((path, str(image)))
+            continue
+        images.append(image)
+        kept.append(row)
+    kept_t = torch.tensor(kept, dtype=torch.int64)
+    index = raw["index"][kept_t]
+    if not train:
+        pixels = eval_views(images, size, resize_size) if images else stack([], size)
+        return pixels.to(decoder.device), torch.zeros(len(kept), dtype=torch.bool), index, skipped
+    uniforms = raw["uniforms"][kept_t]
+    if uniforms.shape[1] != DRAWS:
+        raise ValueError(f"training batches need {DRAWS} draws per sample")
+    pixels = train_views(images, uniforms, size) if images else stack([], size)
+    return pixels.to(decoder.device), flips(uniforms), index, skipped
