@@ -7,15 +7,17 @@
 ``check`` loads a file with ``weights_only=True`` into the architecture (keys and shapes
 must match exactly); it exits 0 when the file is a valid checkpoint, 3 when it is not (the
 fetch script deletes such files), 2 on a usage error. ``list`` shows which teachers are
-present and valid. ``verify`` scores each present teacher on the test set and flags any that
-is more than ``--tolerance`` points from the published top-1 (exit 1 when one is flagged).
+present and valid: the CIFAR-100 ones, and torchvision's ImageNet files of
+``IMAGENET_TEACHERS`` (``<root>/<arch>_imagenet/<file>``, checked by SHA-256). ``verify``
+scores each present teacher on the test set and flags any that is more than
+``--tolerance`` points from the published top-1 (exit 1 when one is flagged).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +36,30 @@ PUBLISHED_TOP1 = {
 }
 TEACHER_ROOT = os.path.join("save", "models")
 EXIT_INVALID = 3
+
+
+class ImagenetTeacher(NamedTuple):
+    """A torchvision ImageNet-1k weight file (a bare state dict; the 8 hex digits after the
+    last '-' of its name start its SHA-256)."""
+
+    file: str
+    top1: float  # torchvision's published top-1 (%) on the ImageNet val set
+    teacher: bool  # fetched by default (a teacher of the paper's ImageNet table)
+
+
+# torchvision's IMAGENET1K_V1 weights; the paper quotes 73.31 (ResNet-34) and 76.16 (ResNet-50).
+# ResNet-18 is the student of the ResNet-34 pair, listed for evaluation and fetched on request.
+IMAGENET_URL = "https://download.pytorch.org/models/"
+IMAGENET_TEACHERS = {
+    "resnet18": ImagenetTeacher("resnet18-f37072fd.pth", 69.758, teacher=False),
+    "resnet34": ImagenetTeacher("resnet34-b627a593.pth", 73.314, teacher=True),
+    "resnet50": ImagenetTeacher("resnet50-0676ba61.pth", 76.130, teacher=True),
+}
+
+
+def imagenet_teacher_path(root: str, arch: str, file: Optional[str] = None) -> str:
+    """Where an ImageNet teacher lives: ``<root>/<arch>_imagenet/<torchvision file name>``."""
+    return os.path.join(root, f"{arch}_imagenet", file or IMAGENET_TEACHERS[arch].file)
 
 
 class InvalidCheckpoint(Exception):
@@ -125,7 +151,27 @@ def _cmd_list(args: argparse.Namespace) -> int:
             except InvalidCheckpoint as err:
                 status = f"INVALID ({err})"
         print(f"{arch:<11} {top1:>9.2f}  {status:<8} {path}")
+    for arch, row in IMAGENET_TEACHERS.items():
+        path = imagenet_teacher_path(args.root, arch)
+        status = _imagenet_status(path, arch) if os.path.exists(path) else "missing"
+        print(f"{arch:<11} {row.top1:>9.3f}  {status:<8} {path}")
     return 0
+
+
+def _imagenet_status(path: str, arch: str) -> str:
+    """``valid`` when the SHA-256 matches the name (and the file loads, once ``arch`` is a
+    registered model), else ``INVALID (why)``."""
+    import models
+    from helper.teacher_fetch import sha256_matches
+
+    if not sha256_matches(path):
+        return "INVALID (SHA-256 does not match the prefix in its name)"
+    if arch in models.model_dict:
+        try:
+            load_teacher_file(path, arch, 1000)
+        except InvalidCheckpoint as err:
+            return f"INVALID ({err})"
+    return "valid"
 
 
 def _expected_table(pairs: Sequence[str]) -> dict[str, float]:
@@ -185,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--arch", required=True)
     check.add_argument("--num_classes", type=int, default=None,
                        help="expected classifier width (default: whatever the file holds)")
-    listing = sub.add_parser("list", help="which published teachers are present and valid")
+    listing = sub.add_parser("list", help="which published teachers (CIFAR-100, ImageNet) are present and valid")
     verify = sub.add_parser("verify", help="score present teachers against the published top-1")
     verify.add_argument("archs", nargs="*", help="subset of teachers (default: all six)")
     verify.add_argument("--dataset", default="cifar100")

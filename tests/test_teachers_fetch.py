@@ -3,16 +3,25 @@
 The server serves real checkpoints of random weights: a good resnet56, a truncated wrn_40_2,
 and a resnet20 posing as vgg13. A partial resnet56 download already on disk must be resumed
 (the server sees a Range request); bad files must be deleted with a clear message.
+
+When the per-file host fails, the script falls back to a ``cifar_teachers.tar`` built here
+(with hostile members: links, ``..``, absolute names, a device), served whole or broken off
+mid-transfer. ImageNet files are served under names that carry their own SHA-256 prefix and
+requested as ``--imagenet ARCH=FILE`` (torchvision's real names cannot be forged).
 """
 from __future__ import annotations
 
+import hashlib
 import http.server
 import io
 import os
 import re
+import socket
 import subprocess
 import sys
+import tarfile
 import threading
+import time
 
 import pytest
 import torch
@@ -21,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import models  # noqa: E402
-from helper import teachers  # noqa: E402
+from helper import teacher_fetch, teachers  # noqa: E402
 
 
 def _checkpoint(arch: str) -> bytes:
@@ -31,7 +40,8 @@ def _checkpoint(arch: str) -> bytes:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """GET with ``Range: bytes=N-`` support (206 / 416), 404 for unknown paths."""
+    """GET with ``Range: bytes=N-`` support (206 / 416), 404 for unknown paths; a path in
+    ``server.cut`` gets only that many body bytes, once, and the connection is closed."""
 
     def do_GET(self) -> None:  # noqa: N802 (the http.server name)
         self.server.requests.append((self.path, self.headers.get("Range")))
@@ -53,7 +63,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
-        self.wfile.write(body[start:])
+        cut = self.server.cut.pop(self.path, None)
+        self.wfile.write(body[start:] if cut is None else body[start:start + cut])
+        self.close_connection = cut is not None
 
     def log_message(self, *args) -> None:
         pass
@@ -62,7 +74,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.files, httpd.requests = {}, []
+    httpd.files, httpd.requests, httpd.cut = {}, [], {}
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -75,15 +87,57 @@ def blobs():
             "resnet20": _checkpoint("resnet20")}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_server_state(server):
+    server.files.clear()
+    server.requests.clear()
+    server.cut.clear()
+
+
 def _url(arch: str) -> str:
     return f"/repo/{arch}_vanilla/ckpt_epoch_240.pth"
 
 
-def _fetch(server, dest, *archs: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KD_TEACHER_URL": f"http://127.0.0.1:{server.server_port}/repo/",
-           "KD_TEACHER_DIR": str(dest), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+TAR_PATH = "/mdistiller/cifar_teachers.tar"
+
+
+def _closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _fetch(server, dest, *archs: str, **env_over: str) -> subprocess.CompletedProcess:
+    base = f"http://127.0.0.1:{server.server_port}"
+    env = {**os.environ, "KD_TEACHER_URL": f"{base}/repo/", "KD_TEACHER_TAR_URL": base + TAR_PATH,
+           "KD_TEACHER_IMAGENET_URL": f"{base}/torchvision/", "KD_TEACHER_DIR": str(dest),
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env_over}
     return subprocess.run(["bash", os.path.join(REPO, "scripts", "fetch_pretrained_teachers.sh"), *archs],
                           env=env, capture_output=True, text=True, timeout=300)
+
+
+def _tar(*members: tuple) -> bytes:
+    """A tar archive of ``(name, data)`` regular files and ``(name, type, linkname)`` others."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, *rest in members:
+            info = tarfile.TarInfo(name)
+            if len(rest) == 1:
+                info.size = len(rest[0])
+                tar.addfile(info, io.BytesIO(rest[0]))
+            else:
+                info.type, info.linkname = rest
+                tar.addfile(info)
+    return buffer.getvalue()
+
+
+def _member(arch: str) -> str:
+    return f"cifar_teachers/{arch}_vanilla/ckpt_epoch_240.pth"
+
+
+def _files(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
 def test_good_resumed_truncated_and_wrong_downloads(server, blobs, tmp_path):
@@ -141,6 +195,15 @@ def test_list_shows_present_valid_and_invalid(blobs, tmp_path, capsys):
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert "valid" in rows["resnet56"] and "72.34" in rows["resnet56"]
     assert "INVALID" in rows["vgg13"] and "missing" in rows["ResNet50"]
+    # the ImageNet rows: torchvision's files, checked by the SHA-256 prefix of their names
+    assert "missing" in rows["resnet34"] and "73.314" in rows["resnet34"]
+    assert rows["resnet34"].endswith(os.path.join(str(tmp_path), "resnet34_imagenet", "resnet34-b627a593.pth"))
+    (tmp_path / "resnet50_imagenet").mkdir()
+    (tmp_path / "resnet50_imagenet" / "resnet50-0676ba61.pth").write_bytes(b"not torchvision's file")
+    assert teachers.main(["list", "--root", str(tmp_path)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "INVALID (SHA-256" in rows["resnet50"] and "76.130" in rows["resnet50"]
+    assert "missing" in rows["resnet18"]
 
 
 def test_check_exit_codes(blobs, tmp_path, capsys):
@@ -153,3 +216,148 @@ def test_check_exit_codes(blobs, tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         teachers.main(["check", str(path), "--arch", "no_such_net"])
     assert err.value.code == 2
+
+
+def test_archive_fallback_resumes_and_extracts_only_the_expected_files(server, blobs, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "wrn.pth").write_bytes(blobs["wrn_40_2"])  # a valid teacher a link could reach
+    absolute = str(tmp_path / "absolute.pth")
+    archive = _tar(
+        (_member("resnet56"), blobs["resnet56"]),
+        (_member("wrn_40_2"), tarfile.SYMTYPE, str(outside / "wrn.pth")),  # the expected name, as a link
+        ("cifar_teachers/resnet56_vanilla/notes.txt", b"unexpected"),
+        ("cifar_teachers/ResNet50_aug/ckpt_epoch_240.pth", b"unexpected"),
+        ("../escape.pth", b"outside"),
+        ("cifar_teachers/../../escape2.pth", b"outside"),
+        (absolute, b"absolute"),
+        ("cifar_teachers/hardlink", tarfile.LNKTYPE, str(outside / "wrn.pth")),
+        ("cifar_teachers/device", tarfile.CHRTYPE, ""),
+    )
+    server.files[TAR_PATH] = archive
+    dest = tmp_path / "models"
+    dest.mkdir()
+    (dest / "cifar_teachers.tar.part").write_bytes(archive[:10_000])  # an earlier run stopped here
+    server.cut[TAR_PATH] = 50_000  # and this transfer breaks off after 50,000 more bytes
+    out = _fetch(server, dest, "resnet56", "wrn_40_2", KD_TEACHER_URL=f"http://127.0.0.1:{_closed_port()}/repo")
+    assert out.returncode == 1, out.stdout + out.stderr
+    # the per-file host was asked once, then the archive for both, resumed twice
+    assert out.stderr.count("no answer from") == 1
+    assert [rng for path, rng in server.requests if path == TAR_PATH] == ["bytes=10000-", "bytes=60000-"]
+    assert "resnet56: ok" in out.stdout and "from the archive" in out.stdout
+    assert (dest / "resnet56_vanilla" / "ckpt_epoch_240.pth").read_bytes() == blobs["resnet56"]
+    # the link was refused (not followed to the valid file outside); nothing else came out,
+    # and the archive and the staging folder are gone
+    assert "refused member" in out.stderr and "error: wrn_40_2: download failed: not in the archive" in out.stderr
+    assert _files(dest) == [os.path.join("resnet56_vanilla", "ckpt_epoch_240.pth")]
+    assert os.listdir(dest) == ["resnet56_vanilla"]
+    assert sorted(os.listdir(tmp_path)) == ["models", "outside"]
+    assert _files(outside) == ["wrn.pth"] and not os.path.exists(absolute)
+    assert "1 teacher(s) missing or invalid: wrn_40_2" in out.stderr
+
+
+def test_offline_fails_fast_and_leaves_no_folders(tmp_path):
+    closed = f"http://127.0.0.1:{_closed_port()}"
+    env = {**os.environ, "KD_TEACHER_URL": closed + "/repo", "KD_TEACHER_TAR_URL": closed + TAR_PATH,
+           "KD_TEACHER_DIR": str(tmp_path / "save" / "models"), "PYTHON": sys.executable}
+    started = time.monotonic()
+    out = subprocess.run(["bash", os.path.join(REPO, "scripts", "fetch_pretrained_teachers.sh")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 60
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "(set KD_TEACHER_URL or KD_TEACHER_TAR_URL to a mirror)" in out.stderr
+    assert "6 teacher(s) missing or invalid" in out.stderr
+    assert os.listdir(tmp_path) == []  # save/ and save/models/ were created and removed again
+
+
+def _hashed(stem: str, body: bytes, digits: int = 8) -> str:
+    return f"{stem}-{hashlib.sha256(body).hexdigest()[:digits]}.pth"
+
+
+def test_imagenet_good_wrong_hash_and_resumed(server, tmp_path):
+    from helper.distill import teacher_arch_from_path
+
+    buffer = io.BytesIO()
+    torch.save(models.create_model("resnet20", 1000).state_dict(), buffer)  # bare, as torchvision's
+    good = buffer.getvalue()
+    blob = os.urandom(300_000)
+    names = {"resnet20": _hashed("resnet20", good), "tinynet": _hashed("tinynet", blob, 10),
+             "resnet34": "resnet34-00000000.pth"}
+    assert not hashlib.sha256(b"x" * 1000).hexdigest().startswith("00000000")
+    server.files.update({f"/torchvision/{names['resnet20']}": good, f"/torchvision/{names['tinynet']}": blob,
+                         f"/torchvision/{names['resnet34']}": b"x" * 1000})
+    partial = tmp_path / "tinynet_imagenet" / (names["tinynet"] + ".part")
+    partial.parent.mkdir()
+    partial.write_bytes(blob[:100_000])
+    out = _fetch(server, tmp_path, "--imagenet", *(f"{arch}={name}" for arch, name in names.items()))
+    assert out.returncode == 1, out.stdout + out.stderr
+    # good: placed where train_student.py reads the architecture, and loaded into our resnet20
+    placed = tmp_path / "resnet20_imagenet" / names["resnet20"]
+    assert placed.read_bytes() == good and teacher_arch_from_path(str(placed)) == "resnet20"
+    assert "resnet20: ok" in out.stdout and "resnet20: loads into our resnet20" in out.stdout
+    # resumed from byte 100000; no model of that name: the load check is skipped with a note
+    assert (f"/torchvision/{names['tinynet']}", "bytes=100000-") in server.requests
+    assert (tmp_path / "tinynet_imagenet" / names["tinynet"]).read_bytes() == blob and not partial.exists()
+    assert "tinynet: no tinynet in models.model_dict yet: skipped the load check" in out.stdout
+    # wrong hash: deleted (its folder too), reported, and the run fails
+    assert not (tmp_path / "resnet34_imagenet").exists()
+    assert "error: resnet34: the downloaded file's SHA-256 does not start with the prefix" in out.stderr
+    assert "1 teacher(s) missing or invalid: resnet34" in out.stderr
+
+
+def test_imagenet_table_mirror_and_bad_arguments(capsys):
+    assert teacher_fetch.main(["imagenet-files"]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [row[:3] for row in rows] == [
+        ["resnet34", "resnet34-b627a593.pth", "https://download.pytorch.org/models/resnet34-b627a593.pth"],
+        ["resnet50", "resnet50-0676ba61.pth", "https://download.pytorch.org/models/resnet50-0676ba61.pth"]]
+    assert [row[3] for row in rows] == [("yes" if a in models.model_dict else "no") for a in ("resnet34", "resnet50")]
+    assert teacher_fetch.main(["imagenet-files", "resnet18", "resnet20=resnet20-0123abcd.pth",
+                               "--base", "http://mirror/tv"]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [row[2] for row in rows] == ["http://mirror/tv/resnet18-f37072fd.pth",
+                                        "http://mirror/tv/resnet20-0123abcd.pth"]
+    assert rows[1][3] == "yes"  # resnet20 is a registered model: the script will load-check it
+    for bad, why in [("resnet101", "unknown ImageNet teacher"), ("wide_resnet=w-0123abcd.pth", "letters and digits"),
+                     ("resnet50=resnet50.pth", "does not carry a SHA-256 prefix"),
+                     ("resnet50=../resnet50-0123abcd.pth", "bare file name")]:
+        with pytest.raises(SystemExit) as err:
+            teacher_fetch.main(["imagenet-files", bad])
+        assert err.value.code == 2 and why in capsys.readouterr().err, bad
+
+
+def test_sha256_prefix_convention(tmp_path, capsys):
+    assert teacher_fetch.sha256_prefix("resnet34-b627a593.pth") == "b627a593"
+    assert teacher_fetch.sha256_prefix("wide_resnet50_2-95faca4d.pth") == "95faca4d"
+    body = os.urandom(5000)
+    good = tmp_path / _hashed("net", body)
+    good.write_bytes(body)
+    part = tmp_path / (_hashed("net", body, 12) + ".part")  # a complete download not yet renamed
+    part.write_bytes(body)
+    assert teacher_fetch.sha256_matches(str(good)) and teacher_fetch.sha256_matches(str(part))
+    assert teacher_fetch.main(["sha256", str(good)]) == 0
+    renamed = tmp_path / "net-00000000.pth"
+    renamed.write_bytes(body)
+    assert teacher_fetch.main(["sha256", str(renamed)]) == teacher_fetch.EXIT_INVALID == teachers.EXIT_INVALID
+    assert "does not start with 00000000" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        teacher_fetch.main(["sha256", str(renamed), "--name", "net.pth"])
+    assert err.value.code == 2
+
+
+def test_extract_accepts_dot_prefix_and_drops_truncated_members(blobs, tmp_path):
+    whole = _tar(("./" + _member("resnet56"), blobs["resnet56"]), (_member("wrn_40_2"), blobs["wrn_40_2"]))
+    (tmp_path / "a.tar").write_bytes(whole)
+    (tmp_path / "one").mkdir()
+    written, notes = teacher_fetch.extract_teachers(str(tmp_path / "a.tar"), str(tmp_path / "one"), ["resnet56"])
+    assert written == ["resnet56"] and notes == []
+    assert _files(tmp_path / "one") == [os.path.join("cifar_teachers", "resnet56_vanilla", "ckpt_epoch_240.pth")]
+    # cut inside wrn_40_2's data: resnet56 (whole) comes out, wrn_40_2 does not
+    (tmp_path / "b.tar").write_bytes(whole[: len(whole) - len(blobs["wrn_40_2"]) // 2])
+    (tmp_path / "two").mkdir()
+    written, notes = teacher_fetch.extract_teachers(str(tmp_path / "b.tar"), str(tmp_path / "two"),
+                                                    ["resnet56", "wrn_40_2"])
+    assert written == ["resnet56"] and any("truncated" in note for note in notes)
+    assert not (tmp_path / "two" / "cifar_teachers" / "wrn_40_2_vanilla" / "ckpt_epoch_240.pth").exists()
+    (tmp_path / "c.tar").write_bytes(b"<html>not an archive</html>" * 40)
+    assert teacher_fetch.main(["extract-cifar", str(tmp_path / "c.tar"), str(tmp_path), "resnet56"]) == 3
