@@ -48,6 +48,11 @@ class ImageDataset:
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("mean and std need one value per channel (3)")
 
+    @property
+    def image_size(self) -> int:
+        """The side of the (square) images in pixels: 32 for CIFAR-100 and digits."""
+        return int(self.train_images.shape[-1])
+
     def to(self, device: Union[str, torch.device]) -> "ImageDataset":
         """Returns a copy whose tensors live on ``device`` (those already there are shared)."""
         return dataclasses.replace(

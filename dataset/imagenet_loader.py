@@ -27,7 +27,7 @@ from dataset.imagenet_batches import BatchRequest, ImageBatches, Skipped, finish
 from dataset.imagenet_decode import BatchDecoder, nvjpeg_available
 from dataset.imagenet_transforms import (IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZE,
                                          draw_uniforms, flip_normalize)
-from dataset.loader import _derive_seed
+from dataset.loader import derive_seed
 from errors import UserError
 
 DECODE_MODES = ("auto", "workers", "device")
@@ -143,10 +143,6 @@ class ImageFolderLoader:
     def num_skipped(self) -> int:
         return len(self._skipped)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Makes the next ``__iter__`` produce epoch ``epoch`` (0-based)."""
-        self.epoch = int(epoch)
-
     def state_dict(self) -> dict[str, int]:
         """Plain ints (safe for ``torch.load(weights_only=True)``), at epoch granularity."""
         return {"epoch": self.epoch, "seed": self.seed}
@@ -162,7 +158,7 @@ class ImageFolderLoader:
         """``[num_samples]`` int64 sample indices of this rank for ``epoch``, CPU."""
         if not self.train:
             return torch.arange(self.rank, self.n, self.world_size)
-        generator = torch.Generator().manual_seed(_derive_seed(self.seed, "perm", epoch))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "perm", epoch))
         perm = torch.randperm(self.n, generator=generator)
         total = self.num_samples * self.world_size
         if total > self.n:

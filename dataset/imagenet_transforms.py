@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from dataset.loader import _derive_seed, normalize
+from dataset.loader import derive_seed, normalize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,7 +51,7 @@ def draw_uniforms(seed: int, rank: int, epoch: int, start: int, stop: int) -> to
     generator = torch.Generator()
     blocks = []
     for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
-        generator.manual_seed(_derive_seed(seed, "augment", rank, epoch, block))
+        generator.manual_seed(derive_seed(seed, "augment", rank, epoch, block))
         blocks.append(torch.rand(BLOCK, DRAWS, generator=generator, dtype=torch.float64))
     offset = start - (start // BLOCK) * BLOCK
     return torch.cat(blocks)[offset:offset + stop - start]

@@ -149,7 +149,7 @@ def draw_augmentation(batch_size: int, generator: torch.Generator, device: Devic
     return dx, dy, flip
 
 
-def _derive_seed(*parts: Union[int, str]) -> int:
+def derive_seed(*parts: Union[int, str]) -> int:
     """A 63-bit seed that depends on every part (no collisions like seed + epoch)."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
@@ -220,10 +220,6 @@ class DeviceLoader:
             return self.num_samples // self.batch_size
         return -(-self.num_samples // self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Makes the next ``__iter__`` produce epoch ``epoch`` (0-based)."""
-        self.epoch = int(epoch)
-
     def state_dict(self) -> dict[str, int]:
         """Plain ints (safe for ``torch.load(weights_only=True)``), at epoch granularity."""
         return {"epoch": self.epoch, "seed": self.seed}
@@ -240,7 +236,7 @@ class DeviceLoader:
         n, ws = self.images.shape[0], self.world_size
         if not self.train:
             return torch.arange(self.rank, n, ws, device=self.device)
-        self._perm_gen.manual_seed(_derive_seed(self.seed, "perm", epoch))
+        self._perm_gen.manual_seed(derive_seed(self.seed, "perm", epoch))
         perm = torch.randperm(n, generator=self._perm_gen, device=self.device)
         total = self.num_samples * ws
         if total > n:
@@ -257,7 +253,7 @@ class DeviceLoader:
         order = self._order(epoch)
         starts = None
         if self._source is not None:
-            self._aug_gen.manual_seed(_derive_seed(self.seed, "augment", self.rank, epoch))
+            self._aug_gen.manual_seed(derive_seed(self.seed, "augment", self.rank, epoch))
             dx, dy, flip = draw_augmentation(len(order), self._aug_gen, self.device, self.pad)
             starts = self._source.starts(order, dx, dy, flip)  # whole epoch, one pass
         return self._batches(order, starts)

@@ -8,7 +8,7 @@ from torch import nn
 
 from models.util import Connector
 
-from .base import Batch, Distiller, InitStage, MethodContext, Outputs, register, sum_list
+from .base import INIT_EPOCHS, Batch, Distiller, InitStage, MethodContext, Outputs, register, sum_list
 from .kd import autograd_safe
 
 __all__ = ["ABLoss"]
@@ -63,6 +63,8 @@ class ABMethod(Distiller):
     paper = ("Heo et al., Knowledge Transfer via Distillation of Activation Boundaries Formed "
              "by Hidden Neurons, AAAI 2019")
     main_is_zero: ClassVar[bool] = True
+    student_forward = "preact"  # the reference's main-stage forward (see Distiller)
+    flags = (INIT_EPOCHS,)
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)

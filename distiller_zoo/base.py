@@ -16,6 +16,63 @@ from torch import nn
 FEATURE_KINDS = (None, "feat", "preact")
 
 
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag a method owns: how it is parsed, its default and its valid range.
+
+    The method reads the value as ``ctx.cfg.<dest>``. A flag several methods read (``--feat_dim``,
+    ``--init_epochs``) is one shared :class:`Flag` object listed by each of them.
+
+    Attributes:
+        name: the option, e.g. ``"--nce_k"``.
+        type: converts the command-line text (``int``, ``float``, ``str``).
+        default: the value when the flag is not given (None: the method resolves it).
+        help: one line for ``--help`` (the default is appended there).
+        choices: the allowed values, when they are a short list.
+        minimum: inclusive lower bound.
+        above: exclusive lower bound.
+        below: exclusive upper bound.
+    """
+
+    name: str
+    type: Callable[[str], Any] = float
+    default: Any = None
+    help: str = ""
+    choices: Optional[tuple[Any, ...]] = None
+    minimum: Optional[float] = None
+    above: Optional[float] = None
+    below: Optional[float] = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-")
+
+    def check(self, value: Any) -> None:
+        """Raises ValueError naming the flag when ``value`` is outside its range."""
+        if value is None:
+            return
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{self.name} must be one of {', '.join(map(str, self.choices))}, got {value}")
+        if isinstance(value, (int, float)):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(f"{self.name} must be a finite number, got {value}")
+            rules = [(self.minimum, lambda v, b: v >= b, ">="), (self.above, lambda v, b: v > b, ">"),
+                     (self.below, lambda v, b: v < b, "<")]
+            for bound, ok, sign in rules:
+                if bound is not None and not ok(value, bound):
+                    raise ValueError(f"{self.name} must be {sign} {bound:g}, got {value}")
+
+    def add_to(self, group: Any) -> None:
+        """Adds the flag to an argparse parser or argument group."""
+        group.add_argument(self.name, type=self.type, default=self.default, help=self.help,
+                           choices=self.choices)
+
+
+FEAT_DIM = Flag("--feat_dim", int, 128, "embedding size of CRD and CC", minimum=1)
+INIT_EPOCHS = Flag("--init_epochs", int, 30, "epochs of the initialisation stage of AB, FT and FSP",
+                   minimum=0)
+
+
 @dataclass
 class Outputs:
     """A network's forward pass, by name instead of by position.
@@ -133,6 +190,11 @@ class Distiller(nn.Module):
         paper: one-line citation shown in ``--help`` and the README.
         main_is_zero: True when the method contributes a literal zero as ``--distill`` (the
             seed's ``kd``, whose KD term comes only through ``--add kd``); the loop honours it.
+        student_forward: the student forward the reference runs in the main stage even when
+            the method adds no term there (AB: ``"preact"``; on WRN students that forward
+            passes three feature maps through batch norms a second time, which moves their
+            running statistics).
+        flags: the command-line flags the method reads (see :class:`Flag`).
     """
 
     name: ClassVar[str] = ""
@@ -141,13 +203,25 @@ class Distiller(nn.Module):
     default_weight: ClassVar[float] = 1.0
     paper: ClassVar[str] = ""
     main_is_zero: ClassVar[bool] = False
+    student_forward: ClassVar[Optional[str]] = None
+    flags: ClassVar[tuple[Flag, ...]] = ()
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__()
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Adds the method's own flags (one argument group) to the parser; optional."""
+    def validate(cls, cfg: Mapping[str, Any]) -> None:
+        """Checks the method's flags in ``cfg`` (called when the flags are parsed, before any
+        data or teacher is loaded); raises ValueError naming the flag. Methods with rules that
+        tie several flags together extend this."""
+        for flag in cls.flags:
+            flag.check(cfg.get(flag.dest))
+
+    @classmethod
+    def resolve(cls, cfg: Mapping[str, Any], teacher: str, student: str) -> dict[str, Any]:
+        """Values of the method's flags that depend on the teacher→student pair, for flags
+        left unset (DKD's β); they are written into the run's config. Default: none."""
+        return {}
 
     @classmethod
     def default_weight_for(cls, teacher: str, student: str) -> float:
@@ -220,6 +294,29 @@ class _Registry:
 
     def items(self) -> list[tuple[str, type[Distiller]]]:
         return list(self._methods.items())
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Adds every method's flags: one group per method, and one group for the flags that
+        several methods share (each flag once)."""
+        users: dict[str, list[str]] = {}
+        flags: dict[str, Flag] = {}
+        for name, cls in self._methods.items():
+            for flag in cls.flags:
+                if flags.setdefault(flag.name, flag) != flag:
+                    raise ValueError(f"{name} declares {flag.name} differently from "
+                                     f"{', '.join(users[flag.name])}")
+                users.setdefault(flag.name, []).append(name)
+        shared = [f for f in flags.values() if len(users[f.name]) > 1]
+        if shared:
+            group = parser.add_argument_group("flags several methods share")
+            for flag in shared:
+                flag.add_to(group)
+        for name, cls in self._methods.items():
+            own = [f for f in cls.flags if len(users[f.name]) == 1]
+            if own:
+                group = parser.add_argument_group(f"{name} (--distill {name})")
+                for flag in own:
+                    flag.add_to(group)
 
 
 METHODS = _Registry()

@@ -6,7 +6,7 @@ from torch import nn
 
 from models.util import LinearEmbed
 
-from .base import Batch, Distiller, MethodContext, Outputs, register
+from .base import FEAT_DIM, Batch, Distiller, MethodContext, Outputs, register
 from .kd import autograd_safe
 
 __all__ = ["Correlation"]
@@ -34,6 +34,7 @@ class CorrelationMethod(Distiller):
     feature_kind = "feat"
     logit_only = False
     default_weight = 0.02  # RepDistiller scripts/run_cifar_distill.sh
+    flags = (FEAT_DIM,)
     paper = "Peng et al., Correlation Congruence for Knowledge Distillation, ICCV 2019"
 
     def __init__(self, ctx: MethodContext) -> None:

@@ -11,10 +11,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from errors import UserError
 from models.util import Embed
 
-from .base import Batch, Distiller, MethodContext, Outputs, register
+from .base import FEAT_DIM, Batch, Distiller, Flag, MethodContext, Outputs, register
 from .kd import autograd_safe
 
 __all__ = ["ContrastMemory", "ContrastLoss", "CRDLoss", "ContrastSampler"]
@@ -246,13 +245,18 @@ class CRDMethod(Distiller):
     logit_only = False
     default_weight = 0.8
     paper = "Tian, Krishnan & Isola, Contrastive Representation Distillation, ICLR 2020"
+    flags = (
+        FEAT_DIM,
+        Flag("--mode", str, "exact", "positive: the sample itself (exact) or a random same-class "
+             "sample (relax)", choices=("exact", "relax")),
+        Flag("--nce_k", int, 16384, "number of negative samples for NCE", minimum=1),
+        Flag("--nce_t", float, 0.07, "temperature parameter for softmax", above=0),
+        Flag("--nce_m", float, 0.5, "momentum for non-parametric updates", minimum=0, below=1),
+    )
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         cfg = ctx.cfg
-        if cfg.nce_k < 1 or not cfg.nce_t > 0 or not 0 <= cfg.nce_m < 1:
-            raise UserError(f"CRD needs --nce_k >= 1, --nce_t > 0 and 0 <= --nce_m < 1; got "
-                            f"{cfg.nce_k}, {cfg.nce_t}, {cfg.nce_m}")
         opt = argparse.Namespace(s_dim=ctx.student_shapes[-1][1], t_dim=ctx.teacher_shapes[-1][1],
                                  feat_dim=cfg.feat_dim, nce_k=cfg.nce_k, nce_t=cfg.nce_t,
                                  nce_m=cfg.nce_m, n_data=ctx.n_data)
@@ -262,15 +266,6 @@ class CRDMethod(Distiller):
         generator.manual_seed((int(cfg.seed) + _SEED_SALT + 1000003 * _rank()) % 2 ** 63)
         self.sampler = ContrastSampler(ctx.train_labels, cfg.nce_k, cfg.mode, generator)
         self._z_shared = False
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("CRD (--distill crd; --feat_dim is shared)")
-        group.add_argument("--mode", default="exact", choices=("exact", "relax"),
-                           help="positive: the sample itself (exact) or a random same-class sample (relax)")
-        group.add_argument("--nce_k", type=int, default=16384, help="number of negative samples for NCE")
-        group.add_argument("--nce_t", type=float, default=0.07, help="temperature parameter for softmax")
-        group.add_argument("--nce_m", type=float, default=0.5, help="momentum for non-parametric updates")
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:
         contrast_idx = self.sampler.draw(batch.index)

@@ -1,12 +1,11 @@
 """DIST: inter- and intra-class Pearson relations of the softened logits (``--distill dist``)."""
 from __future__ import annotations
 
-import argparse
 
 import torch
 from torch import nn
 
-from .base import Batch, Distiller, MethodContext, Outputs, register
+from .base import Batch, Distiller, Flag, MethodContext, Outputs, register
 from .kd import autograd_safe
 
 __all__ = ["DIST"]
@@ -56,22 +55,17 @@ class DISTMethod(Distiller):
     logit_only = True
     default_weight = 1.0  # no -b is published for DIST; the loss carries its own weights
     paper = "Huang et al., Knowledge Distillation from A Stronger Teacher, NeurIPS 2022"
+    flags = (
+        Flag("--dist_beta", float, 1.0, "weight of DIST's inter-class relation term", minimum=0),
+        Flag("--dist_gamma", float, 1.0, "weight of DIST's intra-class relation term", minimum=0),
+        Flag("--dist_tau", float, 4.0, "DIST softmax temperature; both terms are scaled by tau**2",
+             above=0),
+    )
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         cfg = ctx.cfg
         self.criterion = DIST(float(cfg.dist_beta), float(cfg.dist_gamma), float(cfg.dist_tau))
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("DIST (--distill dist)")
-        g.add_argument("--dist_beta", type=float, default=1.0,
-                       help="weight of DIST's inter-class relation term (default: 1.0)")
-        g.add_argument("--dist_gamma", type=float, default=1.0,
-                       help="weight of DIST's intra-class relation term (default: 1.0)")
-        g.add_argument("--dist_tau", type=float, default=4.0,
-                       help="DIST softmax temperature; both terms are scaled by tau**2 "
-                            "(default: 4.0)")
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:
         return self.criterion(student.logits, autograd_safe(teacher.logits))

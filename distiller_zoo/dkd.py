@@ -1,15 +1,12 @@
 """Decoupled knowledge distillation (``--distill dkd``)."""
 from __future__ import annotations
 
-import argparse
-from typing import Optional
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from errors import UserError
-
-from .base import Batch, Distiller, MethodContext, Outputs, register
+from .base import Batch, Distiller, Flag, MethodContext, Outputs, register
 from .kd import autograd_safe
 
 __all__ = ["dkd_loss"]
@@ -67,37 +64,34 @@ class DKDMethod(Distiller):
     logit_only = True
     default_weight = 1.0  # mdistiller's CE weight 1; alpha/beta live inside the loss
     paper = "Zhao et al., Decoupled Knowledge Distillation, CVPR 2022"
+    flags = (
+        Flag("--dkd_alpha", float, 1.0, "weight of the target-class term TCKD", minimum=0),
+        Flag("--dkd_beta", float, None, "weight of the non-target term NCKD (unset: mdistiller's "
+             "per-pair value: 6, 2, or 8 for pairs without a config)", minimum=0),
+        Flag("--dkd_T", float, 4.0, "DKD softmax temperature", above=0),
+        Flag("--dkd_warmup", int, 20, "epochs over which the DKD loss ramps up linearly; 0 "
+             "disables the ramp", minimum=0),
+    )
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         cfg = ctx.cfg
-        beta: Optional[float] = cfg.dkd_beta
+        beta = cfg.dkd_beta
         self.alpha = float(cfg.dkd_alpha)
         self.beta = float(beta) if beta is not None else self.beta_for(ctx.teacher_name,
                                                                        ctx.student_name)
         self.T = float(cfg.dkd_T)
         self.warmup = int(cfg.dkd_warmup)
-        if self.warmup < 0:
-            raise UserError(f"--dkd_warmup must be >= 0, got {self.warmup}")
+
+    @classmethod
+    def resolve(cls, cfg: Mapping[str, Any], teacher: str, student: str) -> dict[str, Any]:
+        """An unset ``--dkd_beta`` becomes the pair's value (recorded in config.json)."""
+        return {"dkd_beta": cls.beta_for(teacher, student)} if cfg.get("dkd_beta") is None else {}
 
     @classmethod
     def beta_for(cls, teacher: str, student: str) -> float:
         """mdistiller's NCKD weight for a teacher→student pair (8 when it has no config)."""
         return DKD_BETA.get((teacher, student), DKD_BETA_DEFAULT)
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("DKD (--distill dkd)")
-        g.add_argument("--dkd_alpha", type=float, default=1.0,
-                       help="weight of the target-class term TCKD (default: 1.0)")
-        g.add_argument("--dkd_beta", type=float, default=None,
-                       help="weight of the non-target term NCKD (default: mdistiller's "
-                            "per-pair value: 6, 2, or 8 for pairs without a config)")
-        g.add_argument("--dkd_T", type=float, default=4.0,
-                       help="DKD softmax temperature (default: 4.0)")
-        g.add_argument("--dkd_warmup", type=int, default=20,
-                       help="epochs over which the DKD loss ramps up linearly; 0 disables the "
-                            "ramp (default: 20)")
 
     def warmup_factor(self, epoch: int) -> float:
         """``min(epoch / warmup, 1)`` with 1-based epochs, as mdistiller's DKD wrapper."""

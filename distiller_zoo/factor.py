@@ -9,7 +9,7 @@ from torch import nn
 
 from models.util import Paraphraser, Translator
 
-from .base import Batch, Distiller, InitStage, MethodContext, Outputs, register
+from .base import INIT_EPOCHS, Batch, Distiller, InitStage, MethodContext, Outputs, register
 from .kd import autograd_safe
 from .vid import match_height
 
@@ -72,6 +72,7 @@ class FTMethod(Distiller):
     default_weight = 200.0
     paper = ("Kim et al., Paraphrasing Complex Network: Network Compression via Factor Transfer, "
              "NeurIPS 2018")
+    flags = (INIT_EPOCHS,)
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)

@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errors import UserError
 
-from .base import Batch, Distiller, InitStage, MethodContext, Outputs, register, sum_list
+from .base import INIT_EPOCHS, Batch, Distiller, InitStage, MethodContext, Outputs, register, sum_list
 from .kd import autograd_safe
 
 __all__ = ["FSP"]
@@ -79,14 +78,15 @@ class FSPMethod(Distiller):
     paper = ("Yim et al., A Gift from Knowledge Distillation: Fast Optimization, Network "
              "Minimization and Transfer Learning, CVPR 2017")
     main_is_zero: ClassVar[bool] = True
+    flags = (INIT_EPOCHS,)
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         try:
             self.criterion = FSP(ctx.student_shapes[:-1], ctx.teacher_shapes[:-1])
         except ValueError as err:
-            raise UserError(f"--distill fsp needs student and teacher stages of equal channel "
-                            f"counts ({ctx.student_name} vs {ctx.teacher_name}): {err}") from None
+            raise ValueError(f"FSP needs student and teacher stages of equal channel counts: "
+                             f"{err}") from None
         self._init_epochs = int(ctx.cfg.init_epochs)
         self._lr = float(ctx.cfg.learning_rate)
         # Held outside the module tree: the student belongs to the loop, not to the method.

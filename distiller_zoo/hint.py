@@ -4,10 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from errors import UserError
 from models.util import ConvReg
 
-from .base import Batch, Distiller, MethodContext, Outputs, register
+from .base import Batch, Distiller, Flag, MethodContext, Outputs, register
 from .kd import autograd_safe
 
 __all__ = ["HintLoss"]
@@ -37,6 +36,7 @@ class HintMethod(Distiller):
     logit_only = False
     default_weight = 100.0  # RepDistiller scripts/run_cifar_distill.sh
     paper = "Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015"
+    flags = (Flag("--hint_layer", int, 2, "FitNet hint layer", choices=tuple(range(5))),)
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -44,7 +44,7 @@ class HintMethod(Distiller):
         s_shapes, t_shapes = ctx.student_shapes, ctx.teacher_shapes
         n = min(len(s_shapes), len(t_shapes))
         if not -n <= layer < n or len(s_shapes[layer]) != 4 or len(t_shapes[layer]) != 4:
-            raise UserError(f"--hint_layer {layer} is not a [B, C, H, W] feature of both "
+            raise ValueError(f"--hint_layer {layer} is not a [B, C, H, W] feature of both "
                             f"networks (student {[list(s) for s in s_shapes]}, "
                             f"teacher {[list(t) for t in t_shapes]})")
         self.layer = layer

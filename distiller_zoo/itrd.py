@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errors import UserError
 from models.util import LinearEmbed
 
-from .base import Batch, Distiller, MethodContext, Outputs, register
+from .base import Batch, Distiller, Flag, MethodContext, Outputs, register
 from .kd import autograd_safe
 
 __all__ = ["ITLoss"]
@@ -75,26 +74,22 @@ class ITRDMethod(Distiller):
     logit_only = False
     default_weight = 1.0
     paper = "Miles et al., Information Theoretic Representation Distillation, BMVC 2022"
+    flags = (
+        Flag("--lambda_corr", float, 2.0, "correlation loss weight", minimum=0),
+        Flag("--lambda_mutual", float, 1.0, "mutual information loss weight", minimum=0),
+        Flag("--alpha_it", float, 1.5, "Renyi's alpha (paper: 1.01 same-architecture, 1.5 "
+             "cross-architecture)", above=0),
+    )
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         cfg = ctx.cfg
-        if not cfg.alpha_it > 0:
-            raise UserError(f"--alpha_it must be positive, got {cfg.alpha_it}")
         opt = argparse.Namespace(s_dim=ctx.student_preact_shapes[-1][1],
                                  t_dim=ctx.teacher_preact_shapes[-1][1],
                                  n_data=ctx.n_data, alpha_it=float(cfg.alpha_it))
         self.criterion = ITLoss(opt)
         self.lambda_corr = float(cfg.lambda_corr)
         self.lambda_mutual = float(cfg.lambda_mutual)
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("ITRD (--distill itrd)")
-        group.add_argument("--lambda_corr", type=float, default=2.0, help="correlation loss weight")
-        group.add_argument("--lambda_mutual", type=float, default=1.0, help="mutual information loss weight")
-        group.add_argument("--alpha_it", type=float, default=1.50,
-                           help="Renyi's alpha (paper: 1.01 same-architecture, 1.5 cross-architecture)")
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:
         f_s, f_t = student.pooled, autograd_safe(teacher.pooled)

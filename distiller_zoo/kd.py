@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Batch, Distiller, MethodContext, Outputs, register
+from .base import Batch, Distiller, Flag, MethodContext, Outputs, register
 
 __all__ = ["DistillKL"]
 
@@ -49,7 +49,7 @@ class KDMethod(Distiller):
     """KD on the logits with temperature ``--kd_T``.
 
     As ``--distill kd`` the seed's main loss is a literal zero (``main_is_zero``); its KD term
-    comes through ``--add kd -a 0.9`` with ``-r 0.1 -b 0``. Reads the shared ``--kd_T``.
+    comes through ``--add kd -a 0.9`` with ``-r 0.1 -b 0``. Owns ``--kd_T``.
     """
 
     feature_kind = None
@@ -57,6 +57,7 @@ class KDMethod(Distiller):
     default_weight = 0.0
     paper = "Hinton et al., Distilling the Knowledge in a Neural Network, NIPS-W 2015"
     main_is_zero: ClassVar[bool] = True
+    flags = (Flag("--kd_T", float, 4.0, "KD temperature", above=0),)
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)

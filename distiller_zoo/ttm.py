@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Batch, Distiller, MethodContext, Outputs, register
+from .base import Batch, Distiller, Flag, MethodContext, Outputs, register
 from .kd import autograd_safe
 
 __all__ = ["TTM"]
@@ -53,6 +53,7 @@ class TTMMethod(Distiller):
     default_weight = 8.0  # the most common -b of the paper's TTM recipes (Tables 8-9)
     paper = "Zheng & Yang, Knowledge Distillation Based on Transformed Teacher Matching, ICLR 2024"
 
+    flags = (Flag("--ttm_l", float, 1.0, "TTM/WTTM power exponent γ = 1/T", minimum=0),)
     loss_class: type[nn.Module] = TTM  # WTTM reuses this adapter with its own loss
 
     def __init__(self, ctx: MethodContext) -> None:

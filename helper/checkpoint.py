@@ -31,14 +31,14 @@ def current_umask() -> int:
     return mask
 
 
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
     try:
         # mkstemp creates the file 0600; give it the mode open() would (0644 under umask 022)
         os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, mode) as handle:
+        with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -56,7 +56,7 @@ def atomic_save(obj: Any, path: str) -> None:
 
 def atomic_write_text(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` atomically (UTF-8)."""
-    _atomic_write(path, lambda handle: handle.write(text), mode="w")
+    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def load_checkpoint(path: str, what: str = "checkpoint") -> dict[str, Any]:
@@ -66,6 +66,11 @@ def load_checkpoint(path: str, what: str = "checkpoint") -> dict[str, Any]:
         UserError: the file is missing, truncated, not a checkpoint, or holds objects that
             are not plain data.
     """
+    if os.path.isdir(path):
+        found = sorted(name for name in os.listdir(path) if name.endswith(".pth"))
+        listing = (f"its .pth files: {', '.join(found[:8])}{' …' if len(found) > 8 else ''}"
+                   if found else "it holds no .pth file")
+        raise UserError(f"{what} {path} is a folder, not a file; {listing}")
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:

@@ -57,12 +57,56 @@ class Config(Mapping[str, Any]):
         return json.dumps(self._values, indent=2, sort_keys=True, default=str)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: …)`` to every flag's help that does not already state it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default is not argparse.SUPPRESS and action.option_strings
+                and "default" not in text and not isinstance(action, argparse._HelpAction)):
+            shown = "off" if action.default is False else action.default
+            text += f" (default: {shown})"
+        return text
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line on stderr and exit status 2."""
+    """An ArgumentParser whose usage errors are one line on stderr and exit status 2, and
+    whose ``--help`` shows every flag's default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> set[str]:
+    """The destinations of the flags written on the command line ``argv`` (not defaulted).
+
+    Parses ``argv`` a second time with every default suppressed, so that only what the user
+    typed lands in the namespace.
+    """
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        namespace = parser.parse_args(list(argv) if argv is not None else None)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return set(vars(namespace))
+
+
+def option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Destination → the flag as users write it (``gamma`` → ``-r``, ``nce_k`` → ``--nce_k``)."""
+    out = {}
+    for action in parser._actions:
+        if action.option_strings:
+            short = [o for o in action.option_strings if not o.startswith("--")]
+            out[action.dest] = (short or action.option_strings)[0]
+    return out
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +141,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                      help="continue the run in its run folder from resume.pth (fresh start if none)")
     run.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     run.add_argument("--save_root", default="./save", help="root folder of run outputs")
-    run.add_argument("--run_name", default=None, help="run folder name (default: the reference's)")
+    run.add_argument("--run_name", default=None,
+                     help="run folder name (default: built from the flags that distinguish runs)")
+    run.add_argument("--sync_bn", action="store_true",
+                     help="under DDP (torchrun, CUDA): synchronise BatchNorm statistics across "
+                          "ranks (torch's SyncBatchNorm), as one process with the global batch would")
 
     speed = parser.add_argument_group("speed")
     speed.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
@@ -134,42 +182,55 @@ def _check_finite_positive(name: str, value: Optional[float], allow_zero: bool =
 
 
 def check_save_root(path: str) -> None:
-    """Raises UserError unless ``path`` exists or can be created, and is writable."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create save folder {path!r}: {err.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"save folder {path!r} is not writable")
+    """Raises UserError unless ``path`` is a writable folder or could be created as one.
+
+    Creates nothing: the nearest existing ancestor must be a writable folder.
+    """
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise UserError(f"cannot create save folder {path!r}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"save folder {path!r} is not writable ({probe})")
 
 
-def derive_common(args: argparse.Namespace, model: str) -> dict[str, Any]:
+def derive_common(flags: Mapping[str, Any], model: str, drawn_seed: Optional[int] = None) -> dict[str, Any]:
     """Validates the shared flags and returns them with derived values filled in.
 
     Args:
-        args: parsed flags.
+        flags: the parsed flags (``vars(args)``, or a resumed run's merged flags).
         model: the architecture being trained (decides the default learning rate).
+        drawn_seed: the seed to use when ``--seed`` is unset (a resumed run's recorded one);
+            None draws a fresh one.
     """
-    if args.epochs <= 0:
-        raise UserError(f"--epochs must be positive, got {args.epochs}")
-    if args.batch_size <= 0:
-        raise UserError(f"--batch_size must be positive, got {args.batch_size}")
-    if args.save_freq <= 0 or args.print_freq <= 0:
+    if flags["epochs"] <= 0:
+        raise UserError(f"--epochs must be positive, got {flags['epochs']}")
+    if flags["batch_size"] <= 0:
+        raise UserError(f"--batch_size must be positive, got {flags['batch_size']}")
+    if flags["save_freq"] <= 0 or flags["print_freq"] <= 0:
         raise UserError("--save_freq and --print_freq must be positive")
-    _check_finite_positive("learning_rate", args.learning_rate)
-    _check_finite_positive("lr_decay_rate", args.lr_decay_rate)
-    _check_finite_positive("weight_decay", args.weight_decay, allow_zero=True)
-    _check_finite_positive("momentum", args.momentum, allow_zero=True)
-    values = dict(vars(args))
-    values["lr_decay_epochs"] = parse_decay_epochs(args.lr_decay_epochs)
-    base_lr = args.learning_rate if args.learning_rate is not None else default_learning_rate(model)
+    _check_finite_positive("learning_rate", flags["learning_rate"])
+    _check_finite_positive("lr_decay_rate", flags["lr_decay_rate"])
+    _check_finite_positive("weight_decay", flags["weight_decay"], allow_zero=True)
+    _check_finite_positive("momentum", flags["momentum"], allow_zero=True)
+    values = dict(flags)
+    values["lr_decay_epochs"] = parse_decay_epochs(flags["lr_decay_epochs"])
+    base_lr = flags["learning_rate"] if flags["learning_rate"] is not None else default_learning_rate(model)
     values["base_learning_rate"] = base_lr
-    values["learning_rate"] = base_lr * (args.batch_size / 64 if args.lr_scale == "linear" else 1.0)
-    values["seed"] = args.seed if args.seed else random.SystemRandom().randrange(1, 2**31 - 1)
-    values["seed_drawn"] = not args.seed
-    if args.run_name is not None and (args.run_name.startswith("/") or ".." in args.run_name.split("/")):
-        raise UserError(f"--run_name must be a relative name inside --save_root, got {args.run_name!r}")
-    check_save_root(args.save_root)
+    values["learning_rate"] = base_lr * (flags["batch_size"] / 64 if flags["lr_scale"] == "linear" else 1.0)
+    if flags["seed"]:
+        values["seed"] = flags["seed"]
+    else:
+        values["seed"] = drawn_seed if drawn_seed else random.SystemRandom().randrange(1, 2**31 - 1)
+    values["seed_drawn"] = not flags["seed"]
+    run_name = flags["run_name"]
+    if run_name is not None and (run_name.startswith("/") or ".." in run_name.split("/") or not run_name.strip("/")):
+        raise UserError(f"--run_name must be a relative name inside --save_root, got {run_name!r}")
+    check_save_root(flags["save_root"])
     return values
 
 

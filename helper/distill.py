@@ -26,32 +26,47 @@ def teacher_arch_from_path(path: str) -> str:
     ``save/models/wrn_40_2_vanilla/ckpt_epoch_240.pth`` → ``wrn_40_2``;
     ``save/models/resnet32x4_cifar100_lr_0.05_.../resnet32x4_best.pth`` → ``resnet32x4``.
     """
-    segments = os.path.basename(os.path.dirname(os.path.abspath(path))).split("_")
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    known = [name for name in models.model_dict if folder == name or folder.startswith(name + "_")]
+    if known:  # the longest registered name the folder starts with (wrn_40_2, mobilenet_v1)
+        return max(known, key=len)
+    segments = folder.split("_")
     return "_".join(segments[:3]) if segments[0] == "wrn" else segments[0]
+
+
+def build_teacher(checkpoint: dict[str, Any], path: str, arch: str, num_classes: int,
+                  device: torch.device) -> nn.Module:
+    """Builds ``arch`` and loads a teacher checkpoint into it strictly, frozen.
+
+    Args:
+        checkpoint: the loaded file: ``{'model': state_dict, ...}`` or a bare state dict
+            (torchvision's files).
+        path: where it came from, for messages.
+        arch: the architecture it must hold.
+        num_classes: classes of the data set (must match the checkpoint's classifier).
+        device: where the teacher runs.
+
+    Returns:
+        The teacher in eval mode with ``requires_grad`` off.
+    """
+    teacher = models.create_model(arch, num_classes)
+    load_weights(teacher, state_dict_of(checkpoint, path), arch, path)
+    return teacher.to(device).eval().requires_grad_(False)
 
 
 def load_teacher(path: str, num_classes: int, device: torch.device,
                  arch: Optional[str] = None) -> tuple[nn.Module, str]:
-    """Builds and loads a frozen teacher from a published or our own checkpoint.
+    """Loads a frozen teacher from a checkpoint file (see :func:`build_teacher`).
 
-    Args:
-        path: checkpoint file (``{'model': state_dict, ...}``, loaded with weights_only).
-        num_classes: classes of the data set (must match the checkpoint's classifier).
-        device: where the teacher runs.
-        arch: architecture override; else ``ckpt['arch']``, else the folder name.
-
-    Returns:
-        The teacher in eval mode with ``requires_grad`` off, and its architecture name.
+    The architecture is ``arch``, else ``ckpt['arch']``, else the one the folder name encodes.
+    Returns the teacher and its architecture name.
     """
     ckpt = load_checkpoint(path, "teacher checkpoint")
     name = arch or ckpt.get("arch") or teacher_arch_from_path(path)
     if name not in models.model_dict:
         raise UserError(f"cannot tell the teacher's architecture from {path} (got {name!r}); "
                         f"pass --model_t")
-    teacher = models.create_model(name, num_classes)
-    load_weights(teacher, state_dict_of(ckpt, path), name, path)
-    teacher.to(device).eval().requires_grad_(False)
-    return teacher, name
+    return build_teacher(ckpt, path, name, num_classes, device), name
 
 
 class FrozenTeacher:
@@ -94,13 +109,16 @@ def common_feature_kind(methods: list[Distiller]) -> Optional[str]:
 
 def method_context(cfg: Any, student: nn.Module, teacher: nn.Module, student_name: str,
                    teacher_name: str, train_labels: torch.Tensor, num_classes: int,
-                   device: torch.device) -> MethodContext:
-    """Probes both networks' feature shapes once (batch of 2) and packs the context."""
+                   device: torch.device, image_size: int = 32) -> MethodContext:
+    """Probes both networks' feature shapes once (batch of 2 at ``image_size`` pixels) and
+    packs the context."""
+    def shapes(model: nn.Module, preact: bool) -> list[torch.Size]:
+        return models.feature_shapes(model, image_size, preact=preact)
+
     return MethodContext(
         cfg=cfg,
-        student_shapes=models.feature_shapes(student), teacher_shapes=models.feature_shapes(teacher),
-        student_preact_shapes=models.feature_shapes(student, preact=True),
-        teacher_preact_shapes=models.feature_shapes(teacher, preact=True),
+        student_shapes=shapes(student, False), teacher_shapes=shapes(teacher, False),
+        student_preact_shapes=shapes(student, True), teacher_preact_shapes=shapes(teacher, True),
         n_data=int(train_labels.numel()), train_labels=train_labels, num_classes=num_classes,
         student=student, teacher=teacher, device=device,
         student_name=student_name, teacher_name=teacher_name)
@@ -112,6 +130,10 @@ class DistillObjective(nn.Module):
     ``forward(images, labels, index, epoch, teacher_out)`` returns ``{"loss": 0-d,
     "logits": [B, K], "terms": {"ce", "add_<name>", "main_<name>": 0-d unweighted}}``.
     Losses are computed in fp32 outside autocast; methods with weight 0 are skipped.
+
+    ``feature_kind`` is what the methods in use read from both networks (the teacher computes
+    only that); the student's forward is that, or the main method's ``student_forward`` when
+    it adds no term but the reference still runs that forward (AB).
     """
 
     def __init__(self, student: nn.Module, main: Distiller, add: Optional[Distiller],
@@ -125,11 +147,12 @@ class DistillObjective(nn.Module):
         self.use_add = add is not None and alpha != 0
         used = [m for m, on in ((main, self.use_main), (add, self.use_add)) if on]
         self.feature_kind = common_feature_kind(used)
+        self.student_kind = self.feature_kind or main.student_forward
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
                 epoch: int, teacher_out: Outputs) -> dict[str, Any]:
         gamma, alpha, beta = self.weights
-        s = student_outputs(self.student, images, self.feature_kind)
+        s = student_outputs(self.student, images, self.student_kind)
         with torch.autocast(device_type=images.device.type, enabled=False):
             batch = Batch(labels=labels, index=index, epoch=epoch)
             ce = F.cross_entropy(s.logits, labels)
@@ -145,18 +168,22 @@ class DistillObjective(nn.Module):
                 loss = loss + beta * value
         return {"loss": loss, "logits": s.logits, "terms": terms}
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Student parameters plus each used method's trainable ones; freezes the rest."""
-        keep = list(self.student.parameters())
+    def freeze_untrained(self) -> None:
+        """Turns ``requires_grad`` off for every method parameter the main stage does not
+        train (methods with weight 0, FT's paraphraser, AB's connectors) and on for the rest."""
         for method, used in ((self.main, self.use_main), (self.add, self.use_add)):
             if method is None:
                 continue
             mine = {id(p) for p in method.trainable_parameters()} if used else set()
             for p in method.parameters():
                 p.requires_grad_(id(p) in mine)
-                if id(p) in mine:
-                    keep.append(p)
-        return keep
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The student's parameters, then the methods' that require grad (after
+        :meth:`freeze_untrained`): what the optimiser updates."""
+        methods = [m for m in (self.main, self.add) if m is not None]
+        return list(self.student.parameters()) + [p for m in methods for p in m.parameters()
+                                                  if p.requires_grad]
 
     def task_state(self) -> dict[str, Any]:
         """Method-owned state (memory banks, connectors, samplers) for the resume file."""

@@ -76,6 +76,22 @@ def wrap(module: nn.Module, env: DistEnv) -> nn.Module:
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
+def convert_sync_bn(module: nn.Module, enabled: bool, env: DistEnv) -> None:
+    """With ``--sync_bn`` on several CUDA ranks, swaps every BatchNorm inside ``module`` (in
+    place, parameters and buffers kept) for torch's ``SyncBatchNorm``, whose batch statistics
+    cover the global batch as one process's would. A no-op on one rank.
+
+    Raises:
+        UserError: ``--sync_bn`` on CPU ranks (SyncBatchNorm runs on GPUs only).
+    """
+    if not enabled or not env.enabled:
+        return
+    if env.device.type != "cuda":
+        raise UserError("--sync_bn needs CUDA devices: torch's SyncBatchNorm does not run on the CPU")
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # replaces children in place
+    assert converted is module, "convert_sync_bn expects a container, not a BatchNorm itself"
+
+
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """Sums ``tensor`` over ranks in place (a no-op on one rank) and returns it."""
     if env.enabled:

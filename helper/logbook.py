@@ -96,4 +96,4 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 def write_json(path: str, data: Any) -> None:
     """Writes ``data`` as indented JSON, atomically."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str, ensure_ascii=False) + "\n")

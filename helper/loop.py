@@ -69,6 +69,26 @@ class DeviceMeters:
         return out
 
 
+class RunClock:
+    """Elapsed wall time of this process's part of a run and the ETA of the rest, from the
+    mean epoch time so far (checkpointing and validation included)."""
+
+    def __init__(self, done: int, total: int) -> None:
+        self.start, self.first, self.total = time.perf_counter(), done, total
+
+    def tick(self, epoch: int) -> str:
+        """``elapsed H:MM:SS eta H:MM:SS`` after finishing ``epoch``."""
+        elapsed = time.perf_counter() - self.start
+        per_epoch = elapsed / max(epoch - self.first, 1)
+        return f"elapsed {format_duration(elapsed)} eta {format_duration(per_epoch * (self.total - epoch))}"
+
+
+def format_duration(seconds: float) -> str:
+    """``3725.2`` → ``1:02:05``."""
+    whole = int(round(max(seconds, 0.0)))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
 @dataclass
 class Trainer:
     """Everything the generic loop needs for one run.
@@ -132,9 +152,12 @@ class Trainer:
     def _check_finite(self, stats: dict[str, float], epoch: int, step: int) -> None:
         if not math.isfinite(stats["loss"]):
             bad = [k for k, v in stats.items() if not math.isfinite(v)]
+            resume = os.path.join(self.run_dir, "resume.pth")
+            kept = (f"the last good checkpoint is kept: {resume}" if os.path.exists(resume)
+                    else "no checkpoint had been written yet")
             raise NonFiniteLoss(
                 f"loss became {stats['loss']} at epoch {epoch}, step {step} ({', '.join(bad)}); "
-                f"run stopped, last good checkpoint kept in {self.run_dir}")
+                f"run stopped, {kept}")
 
     def save_checkpoints(self, progress: Progress, test_acc: float) -> None:
         """Best, periodic and resume checkpoints for the epoch just finished (rank 0)."""
@@ -168,6 +191,7 @@ class Trainer:
     def fit(self, progress: Progress) -> Progress:
         """Trains from ``progress.epoch + 1`` to ``cfg.epochs``; returns the final progress."""
         cfg = self.cfg
+        clock = RunClock(progress.epoch, cfg.epochs)
         for epoch in range(progress.epoch + 1, cfg.epochs + 1):
             lr = learning_rate_at(cfg, epoch)
             for group in self.optimizer.param_groups:
@@ -190,7 +214,7 @@ class Trainer:
                 self.save_resume(progress)
                 print(f"epoch {epoch}/{cfg.epochs} lr {lr:.4g} train_loss {train['loss']:.4f} "
                       f"train_acc {train['acc']:.2f} test_acc {test['acc1']:.2f} "
-                      f"(best {progress.best_acc:.2f}) {seconds:.1f}s", flush=True)
+                      f"(best {progress.best_acc:.2f}) {seconds:.1f}s {clock.tick(epoch)}", flush=True)
             distributed.barrier(self.env)
         if self.env.is_main:
             last = self.logbook.rows[-1]["test_acc"] if self.logbook and self.logbook.rows else 0.0

@@ -32,16 +32,27 @@ TABLES = {1: "same-architecture pairs", 2: "different-architecture pairs"}
 WTTM_NO_CE = "WTTM w/o CE"
 TEACHER_FILE = os.path.join("{arch}_vanilla", "ckpt_epoch_240.pth")
 
-# Recipe hyperparameter -> train_student.py flag, in the order the flags are written.
-FLAGS = {
-    "distill": "--distill", "add": "--add", "r": "-r", "a": "-a", "b": "-b",
-    "ttm_l": "--ttm_l", "kd_T": "--kd_T", "hint_layer": "--hint_layer",
-    "feat_dim": "--feat_dim", "mode": "--mode", "nce_k": "--nce_k", "nce_t": "--nce_t",
-    "nce_m": "--nce_m", "lambda_corr": "--lambda_corr", "lambda_mutual": "--lambda_mutual",
-    "alpha_it": "--alpha_it", "dist_beta": "--dist_beta", "dist_gamma": "--dist_gamma",
-    "dist_tau": "--dist_tau", "dkd_alpha": "--dkd_alpha", "dkd_beta": "--dkd_beta",
-    "dkd_T": "--dkd_T", "dkd_warmup": "--dkd_warmup",
-}
+
+
+@functools.lru_cache(maxsize=1)
+def student_flags() -> dict[str, str]:
+    """Recipe hyperparameter → ``train_student.py`` flag, in the order commands write them.
+
+    Derived from the student parser (its methods' flags come from the registry): every
+    destination names its flag, and ``r``/``a``/``b`` name ``-r``/``-a``/``-b``. The loss
+    terms come first (``--distill --add -r -a -b``), then the rest in the parser's order.
+    """
+    from helper.config import option_names  # the parser imports torch: only when needed
+    from helper.student import build_parser
+
+    options = option_names(build_parser())
+    by_key = {dest: flag for dest, flag in options.items()}
+    by_key.update({flag.lstrip("-"): flag for flag in options.values() if not flag.startswith("--")})
+    first = ["distill", "add", "r", "a", "b"]
+    rest = [k for k in by_key if k not in first and k not in ("gamma", "alpha", "beta", "help", "h")]
+    return {k: by_key[k] for k in first + rest}
+
+
 # Recipe entries that are not flags, and why.
 NOT_FLAGS = {
     "learning_rate": "derived by train_student.py from --model_s (0.01 for the light students)",
@@ -114,7 +125,7 @@ class Cell:
         if not values.get("a"):
             values.pop("add", None)  # an -a 0 extra loss is no loss: leave --add out
         out: list[str] = []
-        for key, flag in FLAGS.items():
+        for key, flag in student_flags().items():
             if values.get(key) is not None:
                 out += [flag, format_value(values[key])]
         return out
@@ -160,12 +171,13 @@ def _resolve(entry: dict[str, Any]) -> tuple[dict[str, Any], str]:
             note = NOTE_DKD_NA
         hp = {**DKD_DEFAULTS, **{k: v for k, v in hp.items() if v is not None}}
         hp.update(r=hp.pop("dkd_ce_weight"), a=0.0, b=1.0)
-    unknown = set(hp) - set(FLAGS) - set(NOT_FLAGS)
-    missing = [k for k in FLAGS if k in hp and hp[k] is None and k not in ("kd_T", "add")]
+    flags = {k: v for k, v in student_flags().items() if k not in NOT_FLAGS}
+    unknown = set(hp) - set(flags) - set(NOT_FLAGS)
+    missing = [k for k in flags if k in hp and hp[k] is None and k not in ("kd_T", "add")]
     if unknown or missing:
         raise ValueError(f"{entry['id']}: unhandled hyperparameters {sorted(unknown)} / "
                          f"values missing for {missing}")
-    return {k: v for k, v in hp.items() if k in FLAGS}, note
+    return {k: v for k, v in hp.items() if k in flags}, note
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,7 +1,6 @@
 """What both entry scripts do around the loop: seeds, data, run folder, resume."""
 from __future__ import annotations
 
-import json
 import os
 import random
 from typing import Any, Callable, Optional
@@ -9,6 +8,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+import models
 from dataset import ImageDataset, load_dataset
 from dataset.loader import DeviceLoader
 from helper import distributed
@@ -34,6 +34,21 @@ def load_data(cfg: Config, env: DistEnv) -> ImageDataset:
     return load_dataset(cfg.dataset, cfg.data_folder).to(env.device)
 
 
+def check_data_fits(cfg: Config, data: ImageDataset, archs: tuple[str, ...]) -> None:
+    """Refuses networks built for another image size than the data's, and a batch larger
+    than the training set (an epoch would be one partial step)."""
+    for arch in archs:
+        size = models.input_size(arch)
+        if size != data.image_size:
+            raise UserError(f"{arch} is a network for {size}-pixel images, but --dataset {cfg.dataset} "
+                            f"has {data.image_size}-pixel images; choose a model for that data set "
+                            f"({', '.join(models.model_names(data.image_size))})")
+    n_train = int(data.train_labels.numel())
+    if cfg.batch_size > n_train:
+        raise UserError(f"--batch_size {cfg.batch_size} is larger than the training set "
+                        f"({n_train} images of --dataset {cfg.dataset}); an epoch would be one partial step")
+
+
 def make_loaders(cfg: Config, env: DistEnv, data: ImageDataset,
                  memory_format: torch.memory_format) -> tuple[DeviceLoader, DeviceLoader]:
     """The shuffled, augmented training loader (this rank's shard) and the test loader."""
@@ -45,25 +60,6 @@ def make_loaders(cfg: Config, env: DistEnv, data: ImageDataset,
     test = DeviceLoader(data.test_images, data.test_labels, EVAL_BATCH, data.mean, data.std,
                         train=False, seed=cfg.seed, memory_format=memory_format)
     return train, test
-
-
-def resumed_seed(cfg: Config, run_dir: str) -> Config:
-    """``cfg`` with the seed of the run it resumes, when ``--resume`` is given without ``--seed``.
-
-    A drawn seed differs on every start, but the continued run must keep the one it began
-    with (the loader's shuffles and crops derive from it); it is read from the run's
-    ``config.json``. Without a previous run, ``cfg`` is returned unchanged.
-    """
-    path = os.path.join(run_dir, "config.json")
-    if not (cfg.resume and cfg.seed_drawn and os.path.exists(path)):
-        return cfg
-    try:
-        with open(path) as handle:
-            seed = int(json.load(handle)["seed"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"cannot read the seed of the run being resumed from {path} ({err}); "
-                        f"pass --seed") from None
-    return cfg.replace(seed=seed)
 
 
 def open_run_dir(cfg: Config, env: DistEnv, run_dir: str, extra: Optional[dict[str, Any]] = None) -> None:
@@ -84,27 +80,29 @@ def open_run_dir(cfg: Config, env: DistEnv, run_dir: str, extra: Optional[dict[s
     write_json(os.path.join(run_dir, "config.json"), {**dict(cfg), **(extra or {})})
 
 
-def restore(trainer: Trainer, load_task_state: Callable[[dict[str, Any]], None] = lambda s: None) -> Progress:
+def restore(cfg: Config, env: DistEnv, run_dir: str, arch: str, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, loader: Any,
+            load_task_state: Callable[[dict[str, Any]], None] = lambda s: None) -> Progress:
     """Restores a run from ``resume.pth`` in its folder; a fresh Progress when there is none.
 
-    Model, optimiser, epoch, best accuracy, the loader's generators, every global random
-    state and the methods' own state come back, so the continued run is the same run.
+    Model, optimiser, epoch, best accuracy, the loader's position, every global random state
+    and the methods' own state come back, so the continued run is the same run.
     """
-    path = os.path.join(trainer.run_dir, "resume.pth")
-    if not trainer.cfg.resume or not os.path.exists(path):
-        if trainer.cfg.resume and trainer.env.is_main:
-            print(f"no resume checkpoint in {trainer.run_dir}; starting fresh", flush=True)
+    path = os.path.join(run_dir, "resume.pth")
+    if not cfg.resume or not os.path.exists(path):
+        if cfg.resume and env.is_main:
+            print(f"no resume checkpoint in {run_dir}; starting fresh", flush=True)
         return Progress()
     state = load_checkpoint(path, "resume checkpoint")
-    if state.get("arch") != trainer.arch:
-        raise UserError(f"{path} is a run of {state.get('arch')}, not {trainer.arch}")
-    trainer.model.load_state_dict(state["model"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.train_loader.load_state_dict(state["loader"])
+    if state.get("arch") != arch:
+        raise UserError(f"{path} is a run of {state.get('arch')}, not {arch}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    loader.load_state_dict(state["loader"])
     load_task_state(state.get("task_state", {}))
-    set_rng_state(state["rng"], trainer.env.device)
-    if trainer.env.is_main:
-        print(f"resumed {trainer.run_dir} after epoch {state['epoch']}", flush=True)
+    set_rng_state(state["rng"], env.device)
+    if env.is_main:
+        print(f"resumed {run_dir} after epoch {state['epoch']}", flush=True)
     return Progress(state["epoch"], float(state["best_acc"]), int(state.get("best_epoch", 0)))
 
 
@@ -114,16 +112,22 @@ def make_logbook(env: DistEnv, run_dir: str, progress: Progress, text_log: Optio
 
 
 def train_and_report(trainer: Trainer, progress: Progress) -> str:
-    """Runs the remaining epochs, prints where the best checkpoint is, leaves the group.
+    """Runs the remaining epochs, prints which checkpoint holds the best epoch, leaves the group.
 
     Returns:
-        The path of the best checkpoint, ``<run_dir>/<arch>_best.pth``.
+        The path of the best checkpoint, ``<run_dir>/<arch>_best.pth``, or of the last one
+        ``<arch>_last.pth`` when no epoch scored above 0 % (no best checkpoint is written then).
     """
     progress = trainer.fit(progress)
     best = os.path.join(trainer.run_dir, f"{trainer.arch}_best.pth")
+    last = os.path.join(trainer.run_dir, f"{trainer.arch}_last.pth")
     if trainer.env.is_main:
         trainer.logbook.close()
-        print(f"best test accuracy {progress.best_acc:.2f} at epoch {progress.best_epoch}; "
-              f"best checkpoint: {best}", flush=True)
+        if progress.best_epoch:
+            print(f"best test accuracy {progress.best_acc:.2f} at epoch {progress.best_epoch}; "
+                  f"best checkpoint: {best}", flush=True)
+        else:
+            print(f"test accuracy never rose above 0; no best checkpoint was written "
+                  f"(the last epoch's weights: {last})", flush=True)
     distributed.teardown(trainer.env)
-    return best
+    return best if progress.best_epoch else last

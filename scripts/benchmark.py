@@ -43,12 +43,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402
-import train_student  # noqa: E402
+from helper.student import assemble_step, build_objective, parse_config  # noqa: E402
 from dataset.base import CIFAR100_MEAN, CIFAR100_STD, ImageDataset  # noqa: E402
 from dataset.loader import DeviceLoader  # noqa: E402
 from distiller_zoo.crd import ContrastSampler  # noqa: E402
 from helper import distributed  # noqa: E402
-from helper.distill import resolve_weights  # noqa: E402
 from helper.evaluate import evaluate  # noqa: E402
 from helper.loop import NonFiniteLoss, Trainer  # noqa: E402
 from helper.run import make_loaders  # noqa: E402
@@ -175,9 +174,7 @@ def student_config(pair: str, method: str, setting: Setting, env: distributed.Di
     argv = ["--path_t", "unused.pth", "--model_s", student, *recipe_flags(teacher, student, method),
             "--seed", "1", "--save_root", save_root, "--print_freq", str(10 ** 9),
             *setting.flags(), *extra]
-    cfg, _ = train_student.parse_config(argv, env)
-    gamma, alpha, beta = resolve_weights(cfg, teacher, student)
-    return cfg.replace(model_t=teacher, gamma=gamma, alpha=alpha, beta=beta)
+    return parse_config(argv, env, teacher)
 
 
 class CycledBatches:
@@ -202,12 +199,12 @@ def build_trainer(pair: str, method: str, setting: Setting, env: distributed.Dis
     cfg = student_config(pair, method, setting, env, args.save_root, extra)
     torch.manual_seed(0)
     teacher = models.create_model(teacher_name, data.num_classes).to(env.device).eval().requires_grad_(False)
-    objective = train_student.build_objective(cfg, env, data, teacher, teacher_name)
+    objective = build_objective(cfg, env, data, teacher)
     fmt = memory_format(setting.channels_last)
-    student, frozen, optimizer, trainable = train_student.assemble_step(cfg, env, objective, teacher, fmt)
-    trainer = Trainer(cfg, env, trainable, student, student_name, optimizer, loader, test_loader,
-                      args.save_root, None, teacher=frozen, memory_format=fmt)
-    return trainer, objective, frozen
+    step = assemble_step(cfg, env, objective, teacher, fmt)
+    trainer = Trainer(cfg, env, step.trainable, step.student, student_name, step.optimizer, loader,
+                      test_loader, args.save_root, None, teacher=step.teacher, memory_format=fmt)
+    return trainer, objective, step.teacher
 
 
 def compile_status(objective: Any, frozen: Any) -> str:

@@ -1,23 +1,26 @@
-"""The report: our accuracies next to the paper's, in the paper's layout.
+"""The report: our accuracies next to the paper's, in the paper's layout, and every other run.
 
     python scripts/summarize.py [--save_root save/reproduce] [--table 1] [--no_plots]
+    python scripts/summarize.py --save_root save     # train_student.py's own runs
 
-Reads the trial folders that ``scripts/reproduce.py`` writes and prints, for each table,
-methods as rows and teacher→student pairs as columns. Each cell gives the mean ± std over
-finished trials of the best-epoch test top-1 and of the last-epoch test top-1, the number of
-trials, the paper's value and our difference from it. Writes ``report.md`` and
-``report.csv`` (one row per cell) and, unless ``--no_plots``, one PNG per cell (test accuracy
-against epoch, trials overlaid, the paper's value as a line) under ``<save_root>/report/``.
+Reads the run folders under ``<save_root>/student_model/``. The trial folders that
+``scripts/reproduce.py`` writes (``table<T>/<teacher>-<student>/<method>/trial_<k>``) fill,
+for each table, methods as rows and teacher→student pairs as columns; each cell gives the
+mean ± std over finished trials of the best-epoch test top-1 and of the last-epoch test
+top-1, the number of trials, the paper's value and our difference from it. Every other run
+folder (``train_student.py``'s own run names) is grouped with the runs whose ``config.json``
+is the same apart from trial, seed, run name, paths and output flags, one row per group.
+Writes ``report.md``, ``report.csv`` (one row per cell), ``runs.csv`` (one row per group)
+and, unless ``--no_plots``, one PNG per cell (test accuracy against epoch, trials
+overlaid, the paper's value as a line) under ``<save_root>/report/``.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import glob
-import json
 import math
 import os
-import statistics
 import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -25,8 +28,9 @@ from typing import Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from errors import UserError, exit_on_user_error  # noqa: E402
-from helper.logbook import read_metrics  # noqa: E402
 from helper.recipes import TABLES, Cell, load_cells, method_names, pairs_of  # noqa: E402
+from helper.run_groups import (RunGroup, TrialResult, TrialStats, group_runs, method_label,  # noqa: E402
+                               read_trial, run_folders, varying_keys)
 
 HEADER = ("best = mean ± std over finished trials of each trial's best-epoch test top-1 (%); "
           "last = the same for each trial's last epoch; the signed number in brackets is the "
@@ -38,68 +42,29 @@ CSV_COLUMNS = ["table", "teacher", "student", "method", "n_finished", "n_unfinis
                "paper_runs", "diff_best", "diff_last", "note"]
 
 
-@dataclass
-class TrialResult:
-    """One trial folder read back: its test-accuracy curve and whether it finished."""
-
-    name: str
-    epochs: list[int]
-    acc: list[float]
-    finished: bool
-    planned_epochs: Optional[int]
-    dataset: str
-
-    @property
-    def best(self) -> float:
-        return max(self.acc)
-
-    @property
-    def last(self) -> float:
-        return self.acc[-1]
+RUN_COLUMNS = ["teacher", "student", "method", "r", "a", "b", "other", "dataset", "epochs", "n_finished",
+               "n_unfinished", "best_mean", "best_std", "last_mean", "last_std", "runs"]
+RUN_HEADER = ("One row per configuration: runs whose config.json is the same apart from trial, seed, "
+              "run name, paths and output flags; 'other' lists the settings that differ between rows. "
+              "best = mean ± std over finished runs of each run's best-epoch test top-1 (%); last = the "
+              "same for the last epoch; n = finished runs, + unfinished ones, which no mean includes; "
+              "std is the sample standard deviation (n - 1); '-' for a single run.")
+LAYOUT = ("summarize.py reads run folders holding metrics.csv (with at least one epoch) and "
+          "config.json under {root}: reproduce.py's table<T>/<teacher>-<student>/<method>/trial_<k>/ "
+          "or train_student.py's <run_name>/; give --save_root the --save_root the runs were "
+          "made with (train_student.py's default is ./save, reproduce.py's save/reproduce)")
 
 
 @dataclass
-class CellResult:
+class CellResult(TrialStats):
+    """The trials of one paper cell."""
+
     cell: Cell
     trials: list[TrialResult] = field(default_factory=list)
-
-    @property
-    def finished(self) -> list[TrialResult]:
-        return [t for t in self.trials if t.finished]
-
-    @property
-    def unfinished(self) -> list[TrialResult]:
-        return [t for t in self.trials if not t.finished]
-
-    def stat(self, which: str) -> tuple[Optional[float], Optional[float]]:
-        """Mean and sample std of ``best`` or ``last`` over finished trials (None if absent)."""
-        values = [getattr(t, which) for t in self.finished]
-        if not values:
-            return None, None
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
     def diff(self, which: str) -> Optional[float]:
         mean = self.stat(which)[0]
         return None if mean is None or self.cell.paper is None else mean - self.cell.paper
-
-
-def read_trial(folder: str) -> Optional[TrialResult]:
-    """A trial folder's curve (None when it has not finished an epoch yet)."""
-    rows = read_metrics(os.path.join(folder, "metrics.csv"))
-    if not rows:
-        return None
-    summary, config = {}, {}
-    for name, target in (("summary.json", summary), ("config.json", config)):
-        if os.path.exists(os.path.join(folder, name)):
-            with open(os.path.join(folder, name)) as handle:
-                target.update(json.load(handle))
-    result = TrialResult(os.path.basename(folder), [int(r["epoch"]) for r in rows],
-                         [float(r["test_acc"]) for r in rows], bool(summary.get("finished")),
-                         summary.get("epochs", config.get("epochs")), config.get("dataset", "cifar100"))
-    if result.finished and abs(result.best - float(summary["best_acc"])) > 0.01:
-        print(f"warning: {folder}: summary.json best_acc {summary['best_acc']} differs from "
-              f"metrics.csv ({result.best})", file=sys.stderr)
-    return result
 
 
 def collect(save_root: str, tables: Sequence[int]) -> list[CellResult]:
@@ -212,10 +177,60 @@ def plot(result: CellResult, path: str) -> None:
     plt.close(fig)
 
 
-def write_report(results: list[CellResult], out: str, plots: bool) -> str:
-    """Writes report.md, report.csv and the curves; returns the plain-text report."""
-    os.makedirs(out, exist_ok=True)
-    md, text = [f"# Reproduction report\n\n{HEADER}\n"], []
+def run_table(groups: Sequence[RunGroup]) -> tuple[list[str], list[list[str]]]:
+    """One row per group of plain runs: its configuration, n, best and last."""
+    other = varying_keys(groups)
+    header = ["teacher", "student", "method", "r", "a", "b"] + (["other"] if other else []) + \
+             ["data", "epochs", "n", "best", "last"]
+    rows = []
+    for g in groups:
+        c = g.config
+        unfinished = f" +{len(g.unfinished)} unfinished" if g.unfinished else ""
+        rows.append([str(c.get("model_t", "?")), str(c.get("model_s", "?")), method_label(c),
+                     *(_num(c.get(k)) for k in ("gamma", "alpha", "beta"))]
+                    + ([" ".join(f"{k}={_num(c.get(k))}" for k in other)] if other else [])
+                    + [str(c.get("dataset", "?")), _num(c.get("epochs")), f"{len(g.finished)}{unfinished}",
+                       _fmt(*g.stat("best"), None), _fmt(*g.stat("last"), None)])
+    return header, rows
+
+
+def run_csv_rows(groups: Sequence[RunGroup], root: str) -> list[dict]:
+    """One CSV row per group; ``runs`` lists its folders relative to ``root``."""
+    other = varying_keys(groups)
+    rows = []
+    for g in groups:
+        c = g.config
+        (bm, bs), (lm, ls) = g.stat("best"), g.stat("last")
+        rows.append(dict(teacher=c.get("model_t"), student=c.get("model_s"), method=method_label(c),
+                         r=_num(c.get("gamma")), a=_num(c.get("alpha")), b=_num(c.get("beta")),
+                         other=" ".join(f"{k}={_num(c.get(k))}" for k in other), dataset=c.get("dataset"),
+                         epochs=c.get("epochs"), n_finished=len(g.finished), n_unfinished=len(g.unfinished),
+                         best_mean=bm, best_std=bs, last_mean=lm, last_std=ls,
+                         runs=";".join(os.path.relpath(t.folder, root) for t in g.trials)))
+    return rows
+
+
+def _num(value: object) -> str:
+    """A config value as a flag would spell it: ``1.0`` → ``1``, None → ``-``."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else v)
+                             for k, v in row.items()})
+
+
+def _table_sections(results: list[CellResult], out: str, plots: bool) -> tuple[list[str], list[str]]:
+    """The paper tables, notes and curves: markdown lines and plain-text lines."""
+    md, text = [f"{HEADER}\n"], []
     for table in sorted({r.cell.table for r in results}):
         header, rows = grid(results, table)
         data = ", ".join(sorted({t.dataset for r in results if r.cell.table == table for t in r.trials}))
@@ -229,41 +244,68 @@ def write_report(results: list[CellResult], out: str, plots: bool) -> str:
     if extra:
         md += ["Notes:\n"] + [f"- {n}" for n in extra] + [""]
         text += ["Notes:"] + [f"  {n}" for n in extra] + [""]
-    text.append(HEADER)
+    text += [HEADER, ""]
     if plots:
         md.append("## Curves\n")
         for r in results:
             rel = os.path.join("curves", r.cell.cell_dir + ".png")
             plot(r, os.path.join(out, rel))
             md.append(f"- [Table {r.cell.table}, {r.cell.method}, {r.cell.teacher}→{r.cell.student}]({rel})")
+        md.append("")
+    return md, text
+
+
+def write_report(results: list[CellResult], groups: Sequence[RunGroup], root: str, out: str,
+                 plots: bool) -> str:
+    """Writes report.md, report.csv (cells), runs.csv (groups) and the curves; returns the
+    plain-text report."""
+    os.makedirs(out, exist_ok=True)
+    md, text = ["# Reproduction report\n"], []
+    if results:
+        cell_md, cell_text = _table_sections(results, out, plots)
+        md, text = md + cell_md, text + cell_text
+        _write_csv(os.path.join(out, "report.csv"), CSV_COLUMNS, csv_rows(results))
+    if groups:
+        title = f"Other runs under {root}, one row per configuration (test top-1 %)"
+        header, rows = run_table(groups)
+        md += [f"## {title}\n", RUN_HEADER, "", markdown(header, rows), ""]
+        text += [title, plain(header, rows), "", RUN_HEADER]
+        _write_csv(os.path.join(out, "runs.csv"), RUN_COLUMNS, run_csv_rows(groups, root))
     with open(os.path.join(out, "report.md"), "w") as handle:
         handle.write("\n".join(md) + "\n")
-    with open(os.path.join(out, "report.csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, CSV_COLUMNS)
-        writer.writeheader()
-        for row in csv_rows(results):
-            writer.writerow({k: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else v)
-                             for k, v in row.items()})
-    return "\n".join(text)
+    return "\n".join(text).rstrip()
 
 
 @exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Summarise reproduction runs next to the paper's numbers.")
+    p = argparse.ArgumentParser(description="Summarise runs: the paper tables' cells next to the paper's "
+                                            "numbers, and every other run grouped by configuration.")
     p.add_argument("--save_root", default=os.path.join("save", "reproduce"),
-                   help="the --save_root given to scripts/reproduce.py")
+                   help="the --save_root the runs were made with (default save/reproduce, reproduce.py's; "
+                        "train_student.py's own runs: save)")
     p.add_argument("--table", type=int, choices=(1, 2), action="append", default=[],
-                   help="only this table (repeatable)")
+                   help="only this paper table (repeatable; other runs are then left out)")
     p.add_argument("--out", default=None, help="report folder (default <save_root>/report)")
     p.add_argument("--no_plots", "--no-plots", dest="no_plots", action="store_true",
                    help="skip the PNG curves")
     args = p.parse_args(argv)
+    root = os.path.join(args.save_root, "student_model")
     results = collect(args.save_root, args.table)
-    if not results:
-        raise UserError(f"no trial with a finished epoch under {os.path.join(args.save_root, 'student_model')}")
+    groups, skipped = [], []
+    if not args.table:
+        claimed = {os.path.realpath(t.folder) for r in results for t in r.trials}
+        groups, skipped = group_runs(f for f in run_folders(root) if os.path.realpath(f) not in claimed)
+    if skipped:
+        print(f"warning: {len(skipped)} run folder(s) without a readable config.json left out: "
+              f"{', '.join(os.path.relpath(f, root) for f in skipped[:5])}{' ...' if len(skipped) > 5 else ''}",
+              file=sys.stderr)
+    if not results and not groups:
+        raise UserError(f"nothing to report under {root}: " + LAYOUT.format(root=root))
     out = args.out or os.path.join(args.save_root, "report")
-    print(write_report(results, out, plots=not args.no_plots))
-    print(f"\nwrote {os.path.join(out, 'report.md')} and report.csv" + ("" if args.no_plots else " and curves/"))
+    print(write_report(results, groups, root, out, plots=not args.no_plots))
+    written = ["report.md"] + ["report.csv"] * bool(results) + ["runs.csv"] * bool(groups) + \
+              ["curves/"] * bool(results and not args.no_plots)
+    print(f"\nwrote {', '.join(written)} in {out}")
     return 0
 
 

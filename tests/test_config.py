@@ -11,12 +11,12 @@ from helper.config import (DEFAULT_LR, LIGHT_LR, Config, default_learning_rate, 
                            learning_rate_at, parse_decay_epochs)
 from errors import UserError
 
-import train_teacher
+from helper.teacher_run import build_parser
 
 
 def derive(tmp_path, *flags: str, model: str = "resnet8") -> dict:
-    args = train_teacher.build_parser().parse_args(["--save_root", str(tmp_path / "save"), *flags])
-    return derive_common(args, model)
+    args = build_parser().parse_args(["--save_root", str(tmp_path / "save"), *flags])
+    return derive_common(vars(args), model)
 
 
 # ---- --lr_decay_epochs ---------------------------------------------------------------------
@@ -126,14 +126,14 @@ def test_zero_weight_decay_and_momentum_are_allowed(tmp_path):
 def test_unwritable_save_root(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    args = train_teacher.build_parser().parse_args(["--save_root", str(blocker / "save")])
+    args = build_parser().parse_args(["--save_root", str(blocker / "save")])
     with pytest.raises(UserError, match="cannot create save folder"):
-        derive_common(args, "resnet8")
+        derive_common(vars(args), "resnet8")
 
 
 def test_parser_errors_are_one_line_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_teacher.build_parser().parse_args(["--epochs", "three"])
+        build_parser().parse_args(["--epochs", "three"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "--epochs" in err[0]

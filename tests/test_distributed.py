@@ -159,3 +159,24 @@ def test_resume_two_ranks_is_exact(tmp_path):
         assert torch.equal(value, split["model"][key]), key
     _, rows = read_metrics(split_dir / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2]
+
+
+def test_sync_bn_converts_in_place_and_refuses_cpu_ranks():
+    from errors import UserError
+    from helper import distributed
+
+    model = models.create_model("resnet8", 10)
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    one_rank = distributed.DistEnv(0, 1, 0, torch.device("cpu"))
+    distributed.convert_sync_bn(model, True, one_rank)  # one process: nothing to synchronise
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    with pytest.raises(UserError, match="--sync_bn needs CUDA"):
+        distributed.convert_sync_bn(model, True, distributed.DistEnv(0, 2, 0, torch.device("cpu")))
+    # on CUDA ranks every BatchNorm becomes a SyncBatchNorm with the same keys and parameters
+    # (the conversion itself runs anywhere; only SyncBatchNorm's forward needs a GPU)
+    distributed.convert_sync_bn(model, True, distributed.DistEnv(0, 2, 0, torch.device("cuda", 0)))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(isinstance(m, torch.nn.SyncBatchNorm) for m in bns)
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys
+    assert [id(p) for p in model.parameters()] == params

@@ -365,7 +365,7 @@ def test_both_resize_kernels_agree_within_one_grey_level(tiny):
 def test_training_views_are_the_drawn_crops_resized(tiny, data):
     loader = ImageFolderLoader(data.folder.train, 8, train=True, seed=4)
     order = loader.order(1)
-    loader.set_epoch(1)
+    loader.load_state_dict({"epoch": 1, "seed": 4})
     batches = quiet_epoch(loader)
     uniforms = draw_uniforms(4, 0, 1, 0, len(order))
     position = {int(i): p for p, i in enumerate(order)}

@@ -24,7 +24,6 @@ from distiller_zoo.factor import FTMethod
 from distiller_zoo.fsp import FSPMethod
 from distiller_zoo.itrd import ITLoss, ITRDMethod
 from distiller_zoo.vid import VIDMethod
-from errors import UserError
 from models import feature_shapes
 
 
@@ -243,9 +242,11 @@ def test_crd_gradients_and_exact_resume():
 
 
 def test_crd_rejects_bad_flags():
-    student, teacher = _nets()
-    with pytest.raises(UserError):
-        CRDMethod(_ctx(student, teacher, nce_m=1.0))
+    for bad, message in (({"nce_m": 1.0}, "--nce_m must be < 1"), ({"nce_k": 0}, "--nce_k must be >= 1"),
+                         ({"nce_t": 0.0}, "--nce_t must be > 0"), ({"mode": "loose"}, "--mode must be one of")):
+        with pytest.raises(ValueError, match=message):
+            CRDMethod.validate({"feat_dim": 128, "mode": "exact", "nce_k": 16, "nce_t": 0.07,
+                                "nce_m": 0.5, **bad})
 
 
 # ----------------------------------------------------------------------------- ITRD
@@ -333,5 +334,5 @@ def test_fsp_init_stage_trains_student_feature_modules():
     _check_stage(m.init_stage(), student, teacher, _ids(student.get_feat_modules().parameters()))
     s, t, b = _run(student, teacher, preact=False)
     assert m(s, t, b).item() == 0.0
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError, match="FSP needs student and teacher stages of equal channel"):
         FSPMethod(_ctx(*_nets(same_width=False)))

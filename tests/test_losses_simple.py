@@ -20,7 +20,6 @@ import distiller_zoo as dz
 from distiller_zoo.base import METHODS, Batch, MethodContext, Outputs
 from distiller_zoo.dkd import DKDMethod
 from distiller_zoo.kd import autograd_safe
-from errors import UserError
 
 B, K = 6, 10
 S_SHAPES = [(B, 8, 8, 8), (B, 8, 8, 8), (B, 16, 4, 4), (B, 32, 2, 2), (B, 32)]
@@ -177,14 +176,17 @@ def test_dkd_beta_per_pair_and_flag() -> None:
         assert DKDMethod.beta_for(*pair) == 8.0
     assert DKDMethod(_ctx("resnet56", "resnet20")).beta == 2.0
     assert DKDMethod(_ctx("resnet56", "resnet20", dkd_beta=3.5)).beta == 3.5
-    with pytest.raises(UserError):
-        DKDMethod(_ctx(dkd_warmup=-1))
+    assert DKDMethod.resolve({"dkd_beta": None}, "resnet56", "resnet20") == {"dkd_beta": 2.0}
+    assert DKDMethod.resolve({"dkd_beta": 3.5}, "resnet56", "resnet20") == {}
+    with pytest.raises(ValueError, match="--dkd_warmup must be >= 0"):
+        DKDMethod.validate({"dkd_warmup": -1})
 
 
 def test_method_flags_parse() -> None:
     parser = argparse.ArgumentParser()
     for name in ("dist", "dkd"):
-        METHODS.get(name).add_arguments(parser)
+        for flag in METHODS.get(name).flags:
+            flag.add_to(parser)
     ns = parser.parse_args([])
     assert (ns.dist_beta, ns.dist_gamma, ns.dist_tau) == (1.0, 1.0, 4.0)
     assert (ns.dkd_alpha, ns.dkd_beta, ns.dkd_T, ns.dkd_warmup) == (1.0, None, 4.0, 20)
@@ -193,7 +195,7 @@ def test_method_flags_parse() -> None:
 
 
 def test_hint_layer_must_be_a_feature_map() -> None:
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError, match="--hint_layer 4 is not"):
         METHODS.get("hint")(_ctx(hint_layer=4))  # the pooled vector
 
 

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 import models
-import train_student
 from distiller_zoo import METHODS, Batch, Distiller, InitStage
 from distiller_zoo.base import _Registry, total_loss
 from helper import distributed
@@ -27,6 +26,7 @@ from helper.distill import (DistillObjective, FrozenTeacher, method_context, res
                             student_outputs)
 from errors import UserError
 from helper.init_stage import run_init_stage
+from helper.student import build_parser, parse_config
 from helper.recipes import load_cells
 
 NAMES = METHODS.names()
@@ -37,7 +37,7 @@ TEACHER = "resnet14"
 PAIRS = {"same": ("resnet14", "resnet8"), "cross": ("resnet14", "MobileNetV2")}
 # Pairs a method cannot be built for by construction: FSP needs equal channel counts stage by
 # stage, AB one connector per teacher stage (MobileNetV2 has one stage more than a CIFAR ResNet).
-UNBUILDABLE = {("fsp", "cross"): "fsp needs student and teacher stages of equal channel",
+UNBUILDABLE = {("fsp", "cross"): "FSP needs student and teacher stages of equal channel",
                ("abound", "cross"): "student shapes but"}
 NUM_CLASSES, N_DATA, BATCH = 10, 64, 8
 CPU = torch.device("cpu")
@@ -53,12 +53,11 @@ def one_thread():
 
 
 def make_cfg(tmp_path, name: str, student: str, *extra: str):
-    """The validated config ``train_student.py`` would build for these flags."""
+    """The validated config a student run would build for these flags (teacher resnet14)."""
     argv = ["--path_t", "unused.pth", "--model_s", student, "--distill", name, "--dataset", "digits",
             "--save_root", str(tmp_path / "save"), "--seed", "1", "--nce_k", "16",
             "--init_epochs", "1", *extra]
-    cfg, _ = train_student.parse_config(argv, ENV)
-    return cfg
+    return parse_config(argv, ENV, TEACHER)
 
 
 class Setup:
@@ -101,6 +100,7 @@ def first_param(model: torch.nn.Module) -> torch.nn.Parameter:
 
 def check_objective(setup: Setup, objective: DistillObjective, method: Distiller, term: str,
                     weight: float) -> None:
+    objective.freeze_untrained()
     trainable = objective.trainable_parameters()
     own = {id(p) for p in method.trainable_parameters()}
     assert {id(p) for p in trainable} == {id(p) for p in setup.student.parameters()} | own
@@ -173,7 +173,7 @@ def test_paper_combinations_sum_both_terms(tmp_path, combo):
     main = METHODS.get(main_name)(setup.ctx)
     add = METHODS.get(add_name)(setup.ctx)
     objective = DistillObjective(setup.student, main, add, gamma=1.0, alpha=1.0, beta=0.8)
-    objective.trainable_parameters()
+    objective.freeze_untrained()
     out = objective(setup.images, setup.labels, setup.index, 1, setup.teacher_out(objective.feature_kind))
     terms = out["terms"]
     assert set(terms) == {"ce", f"add_{add_name}", f"main_{main_name}"}
@@ -191,6 +191,7 @@ def test_zero_weight_skips_the_method(tmp_path):
     objective = DistillObjective(setup.student, method, None, gamma=1.0, alpha=0.0, beta=0.0)
     assert not objective.use_main and objective.feature_kind is None
     # a method that does not run is not trained (no weight decay on its connector either)
+    objective.freeze_untrained()
     assert {id(p) for p in objective.trainable_parameters()} == {id(p) for p in setup.student.parameters()}
     assert all(not p.requires_grad for p in method.parameters())
 
@@ -243,7 +244,7 @@ def test_init_stage_trains_what_it_declares(tmp_path, name, pair):
     setup = Setup(tmp_path, name, pair)
     method = METHODS.get(name)(setup.ctx)
     objective = DistillObjective(setup.student, method, None, 1.0, 0.0, 50.0)
-    objective.trainable_parameters()  # as train_student.py does before the stage
+    objective.freeze_untrained()  # as the run does before the stage
     stage = method.init_stage()
     assert isinstance(stage, InitStage) and stage.epochs == setup.cfg.init_epochs == 1
     assert stage.feature_kind == ("preact" if name == "abound" else "feat")
@@ -281,7 +282,7 @@ def test_init_stage_trains_what_it_declares(tmp_path, name, pair):
     assert {k for k, p in everything.items() if id(p) in with_grad_ids} <= changed
     setup.assert_teacher_untouched(objective)
     # after the stage the main-stage objective trains only the method's main-stage parameters
-    objective.trainable_parameters()
+    objective.freeze_untrained()
     main_ids = {id(p) for p in method.trainable_parameters()}
     for p in method.parameters():
         assert p.requires_grad == (id(p) in main_ids)
@@ -336,7 +337,7 @@ def test_registering_twice_or_a_bad_feature_kind_fails():
 
 
 def test_cli_choices_come_from_the_registry():
-    parser = train_student.build_parser()
+    parser = build_parser()
     actions = {a.dest: a for a in parser._actions}
     assert list(actions["distill"].choices) == NAMES
     assert list(actions["add"].choices) == LOGIT_ONLY + ["none"]
@@ -367,3 +368,30 @@ def test_default_beta(tmp_path, name, weight):
     assert (gamma, alpha) == (1.0, 0.0) and math.isclose(beta, weight)
     given = make_cfg(tmp_path, name, "resnet8", "-b", "7", "-a", "0.5", "-r", "0.25")
     assert resolve_weights(given, "resnet32x4", "resnet8x4") == (0.25, 0.5, 7.0)
+
+
+def test_ab_main_stage_runs_the_references_preact_student_forward(tmp_path):
+    """RepDistiller runs the main stage's student forward with ``preact=True`` for AB although
+    the AB term is 0; on a WRN student that forward passes three maps through batch norms a
+    second time, which moves their running statistics. The objective does the same."""
+    torch.manual_seed(0)
+    cfg = make_cfg(tmp_path, "abound", "wrn_16_1")
+    student = models.create_model("wrn_16_1", NUM_CLASSES)
+    teacher = models.create_model("wrn_40_1", NUM_CLASSES)
+    ctx = method_context(cfg, student, teacher, "wrn_16_1", "wrn_40_1", torch.arange(N_DATA) % NUM_CLASSES,
+                         NUM_CLASSES, CPU)
+    objective = DistillObjective(student, METHODS.get("abound")(ctx), None, 1.0, 0.0, 1.0)
+    assert objective.feature_kind is None and objective.student_kind == "preact"
+    images = torch.randn(BATCH, 3, 32, 32)
+    labels = torch.arange(BATCH) % NUM_CLASSES
+    twin = models.create_model("wrn_16_1", NUM_CLASSES)
+    twin.load_state_dict(student.state_dict())
+    plain = models.create_model("wrn_16_1", NUM_CLASSES)
+    plain.load_state_dict(student.state_dict())
+    objective.train()
+    objective(images, labels, labels, 1, FrozenTeacher(teacher, None, contextlib.nullcontext)(images))
+    twin.train()(images, is_feat=True, preact=True)
+    plain.train()(images)
+    for i, bn in enumerate(student.get_bn_before_relu()):
+        assert torch.equal(bn.running_mean, twin.get_bn_before_relu()[i].running_mean)
+        assert not torch.equal(bn.running_mean, plain.get_bn_before_relu()[i].running_mean)

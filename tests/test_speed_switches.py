@@ -25,6 +25,7 @@ from dataset.base import CIFAR100_MEAN, CIFAR100_STD, ImageDataset
 from dataset.loader import DeviceLoader
 from helper import distributed, speed
 from helper.loop import Trainer
+from helper.student import assemble_step, build_objective, parse_config
 from train_utils import digits_teacher, install_small_digits, load, read_metrics
 
 N_TRAIN, N_TEST = 96, 50
@@ -152,23 +153,22 @@ def count_host_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 def student_trainer(method: str, steps: int, tmp_path: Path) -> Trainer:
     """A Trainer for resnet8→resnet8 with ``method`` over ``steps`` batches of 16, as
-    ``train_student.main`` assembles it (random teacher, synthetic images)."""
+    a student run assembles it (random teacher, synthetic images)."""
     env = distributed.DistEnv(0, 1, 0, torch.device("cpu"))
     n = 16 * steps
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(n) % 10
     data = ImageDataset("synthetic", images, labels, images[:16], labels[:16], 10, CIFAR100_MEAN, CIFAR100_STD)
-    cfg, _ = train_student.parse_config(["--path_t", "x", "--model_s", "resnet8", "--distill", method, "-b", "1",
-                                         "--nce_k", "32", "--seed", "1", "--print_freq", "1000",
-                                         "--save_root", str(tmp_path)], env)
-    cfg = cfg.replace(model_t="resnet8", alpha=0.0, beta=1.0)
+    cfg = parse_config(["--path_t", "x", "--model_s", "resnet8", "--distill", method, "-b", "1",
+                        "--nce_k", "32", "--seed", "1", "--print_freq", "1000",
+                        "--save_root", str(tmp_path)], env, "resnet8")
     teacher = models.create_model("resnet8", 10).eval().requires_grad_(False)
-    objective = train_student.build_objective(cfg, env, data, teacher, "resnet8")
+    objective = build_objective(cfg, env, data, teacher)
     fmt = torch.contiguous_format
-    student, frozen, optimizer, trainable = train_student.assemble_step(cfg, env, objective, teacher, fmt)
+    step = assemble_step(cfg, env, objective, teacher, fmt)
     loader = DeviceLoader(images, labels, 16, CIFAR100_MEAN, CIFAR100_STD, train=True, seed=1)
-    return Trainer(cfg, env, trainable, student, "resnet8", optimizer, loader, [], str(tmp_path), None,
-                   teacher=frozen, memory_format=fmt)
+    return Trainer(cfg, env, step.trainable, step.student, "resnet8", step.optimizer, loader, [],
+                   str(tmp_path), None, teacher=step.teacher, memory_format=fmt)
 
 
 @pytest.mark.parametrize("method", ["wttm", "crd"])

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import models
+import helper.student
 import train_student
 from distiller_zoo import METHODS
 from helper.distill import teacher_arch_from_path
@@ -134,9 +135,13 @@ def test_readme_command_runs_unchanged(teacher, tmp_path, command):
     assert config["alpha"] == float(flag(seed_args, "-a")) and config["beta"] == float(flag(seed_args, "-b"))
     assert config["add"] == flag(seed_args, "--add", "kd") and config["trial"] == "1"
     assert config["ttm_l"] == float(flag(seed_args, "--ttm_l", 1.0))
-    # the seed's run name and its text log: one accuracy per epoch, then 'best: ...'
-    run_name = (f"S:{flag(seed_args, '--model_s')}_T:{TEACHER_ARCH}_digits_{flag(seed_args, '--distill')}_"
-                f"r:{config['gamma']}_a:{config['alpha']}_b:{config['beta']}_1")
+    # the seed's run name (plus the added method and its temperature or l), and its text log:
+    # one accuracy per epoch, then 'best: ...'
+    method, extra = {"repdistiller-kd": ("kd+kd", "_T:4"), "repdistiller-crd": ("crd", ""),
+                     "repdistiller-crd+kd": ("crd+kd", "_T:4"), "ttm-ttm": ("ttm", "_l:0.1"),
+                     "ttm-crd+wttm": ("crd+wttm", "_l:0.2")}[command]
+    run_name = (f"S:{flag(seed_args, '--model_s')}_T:{TEACHER_ARCH}_digits_{method}_"
+                f"r:{config['gamma']}_a:{config['alpha']}_b:{config['beta']}{extra}_1")
     assert run["run_dir"] == tmp_path / "save" / "student_model" / run_name
     acc = float(run["row"]["test_acc"])
     log = (tmp_path / "save" / "student_log" / f"{run_name}.txt").read_text().splitlines()
@@ -200,15 +205,16 @@ def test_crd_checkpoints_and_resume_after_a_crash(teacher, tmp_path, monkeypatch
         models.create_model("resnet8", NUM_CLASSES).load_state_dict(ckpt["model"])
 
     captured = {}
-    real_restore = train_student.restore
+    real_restore = helper.student.restore
 
-    def spy(trainer, load_task_state):
-        captured["before"] = clone_state(trainer.task_state())
-        progress = real_restore(trainer, load_task_state)
-        captured["after"] = clone_state(trainer.task_state())
+    def spy(*args, **kwargs):
+        objective = args[-1].__self__  # restore's last argument: the objective's load_task_state
+        captured["before"] = clone_state(objective.task_state())
+        progress = real_restore(*args, **kwargs)
+        captured["after"] = clone_state(objective.task_state())
         return progress
 
-    monkeypatch.setattr(train_student, "restore", spy)
+    monkeypatch.setattr(helper.student, "restore", spy)
     capsys.readouterr()
     best = train_student.main(argv + ["--resume"])
     assert "resumed" in capsys.readouterr().out
@@ -283,10 +289,10 @@ def test_teacher_file_problems_are_one_line_errors(teacher, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["--model_s", "resnet9"], "unknown model 'resnet9'"),
+    (["--model_s", "resnet9"], "unknown student model 'resnet9'"),
     (["-b", "-1"], "--beta must be a finite non-negative"),
     (["-a", "nan"], "--alpha must be a finite non-negative"),
-    (["--kd_T", "0"], "--kd_T must be positive"),
+    (["--kd_T", "0"], "--kd_T must be > 0"),
     (["--add", "none", "-a", "1"], "--add is none"),
     (["--init_epochs", "-1"], "--init_epochs"),
     (["--distill", "crd", "--nce_k", "0"], "--nce_k"),

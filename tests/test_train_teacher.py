@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import models
+import helper.teacher_run
 import train_teacher
 from train_utils import (METRIC_COLUMNS, assert_one_line_error, install_small_digits, launcher_command,
                          load, read_metrics, subprocess_env)
@@ -147,7 +148,7 @@ def test_default_learning_rate_in_config_json(tmp_path, monkeypatch, model, extr
     def stop(*args, **kwargs):  # config.json is written; no need to train
         raise Stop
 
-    monkeypatch.setattr(train_teacher, "load_data", stop)
+    monkeypatch.setattr(helper.teacher_run, "make_loaders", stop)
     with pytest.raises(Stop):
         train_teacher.main(teacher_args(tmp_path, "--epochs", "1", *extra, model=model))
     (run_dir,) = (tmp_path / "models").iterdir()
@@ -209,26 +210,29 @@ def test_bad_input_through_a_real_process(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    common = teacher_args(tmp_path, "--seed", "1", "--run_name", "nan_run")
+    # an LR multiplied by 1e30 after epoch 1: the weights overflow early in epoch 2
+    common = teacher_args(tmp_path, "--seed", "1", "--run_name", "nan_run", "--lr_decay_epochs", "1",
+                          "--lr_decay_rate", "1e30")
     train_teacher.main(common + ["--epochs", "1"])
     run_dir = tmp_path / "models" / "nan_run"
     kept = {name: (run_dir / name).read_bytes() for name in
             ("resume.pth", "resnet8_best.pth", "resnet8_last.pth", "metrics.csv", "summary.json")}
     capsys.readouterr()
 
-    # continue it with an LR so large that the weights overflow within two steps
-    line = expect_user_error(capsys, common + ["--epochs", "2", "--resume", "--learning_rate", "1e30"],
-                             "loss became")
-    assert "epoch 2" in line and "last good checkpoint kept" in line
+    line = expect_user_error(capsys, common + ["--epochs", "2", "--resume"], "loss became")
+    assert "epoch 2" in line and f"last good checkpoint is kept: {run_dir / 'resume.pth'}" in line
     for name, content in kept.items():
         assert (run_dir / name).read_bytes() == content, f"{name} was touched by the failed epoch"
     assert not (run_dir / "ckpt_epoch_2.pth").exists()
     assert not any(p.name.startswith(".tmp") for p in run_dir.iterdir())
+    assert load(run_dir / "resume.pth")["epoch"] == 1  # the kept checkpoint is the good epoch
 
-    # the kept checkpoint is good: the run continues from it with a sane LR
-    train_teacher.main(common + ["--epochs", "2", "--resume"])
-    header, rows = read_metrics(run_dir / "metrics.csv")
-    assert [r["epoch"] for r in rows] == ["1", "2"] and all(math.isfinite(float(r["train_loss"])) for r in rows)
+    # a run that fails in its first epoch names no checkpoint, since none exists
+    line = expect_user_error(capsys, teacher_args(tmp_path, "--seed", "1", "--run_name", "nan_first",
+                                                  "--learning_rate", "1e30", "--epochs", "1"),
+                             "loss became")
+    assert "no checkpoint had been written yet" in line
+    assert not (tmp_path / "models" / "nan_first" / "resume.pth").exists()
 
 
 # ---- resume after a real kill -9 ----------------------------------------------------------
