@@ -78,7 +78,9 @@ class FrozenTeacher:
         self.feature_kind = feature_kind
         self.autocast_ctx = autocast_ctx
 
-    def __call__(self, images: torch.Tensor) -> Outputs:
+    def __call__(self, images: torch.Tensor, views: Optional[torch.Tensor] = None) -> Outputs:
+        """The teacher's outputs for ``images [B, 3, H, W]`` (``views``, the loader's view ids,
+        are not needed by a live teacher)."""
         self.model.eval()
         with torch.inference_mode(), self.autocast_ctx():
             if self.feature_kind is None:

@@ -17,6 +17,7 @@ from helper import distributed
 from helper.distill import FrozenTeacher, student_outputs
 from helper.loop import NonFiniteLoss, Progress, Trainer
 from helper.speed import autocast
+from helper.step import unpack
 
 
 def run_init_stage(stage: Optional[InitStage], student: nn.Module, teacher: nn.Module,
@@ -45,9 +46,9 @@ def run_init_stage(stage: Optional[InitStage], student: nn.Module, teacher: nn.M
             module.train()
         total = torch.zeros((), device=env.device)
         count = 0
-        for images, labels, index in trainer.train_loader:
-            images = images.contiguous(memory_format=trainer.memory_format)
-            t_out = frozen(images)
+        for batch in trainer.train_loader:
+            images, labels, index, views = unpack(batch)
+            t_out = frozen(images, views)
             with autocast(env.device, cfg.precision):
                 s_out = student_outputs(student, images, stage.feature_kind)
             with torch.autocast(device_type=env.device.type, enabled=False):

@@ -23,7 +23,7 @@ from helper.distributed import DistEnv
 from errors import UserError
 from helper.evaluate import evaluate
 from helper.logbook import Logbook, write_json
-from helper.speed import autocast
+from helper.step import StepOut, TrainStep, unpack
 
 
 class NonFiniteLoss(UserError):
@@ -105,9 +105,11 @@ class Trainer:
         train_loader / test_loader: on-device loaders yielding ``(images, labels, index)``.
         run_dir: the run folder.
         logbook: per-epoch records (rank 0 only; None elsewhere).
-        teacher: maps images to the teacher's outputs, or None (teacher training).
+        teacher: maps ``(images, views)`` to the teacher's outputs, or None (teacher training).
         task_state: returns the method-owned state saved in the resume checkpoint only.
         memory_format: of the input batches.
+        step: the per-batch step; None builds the eager :class:`~helper.step.TrainStep` from
+            the parts above.
     """
 
     cfg: Config
@@ -123,6 +125,7 @@ class Trainer:
     teacher: Optional[Callable[[torch.Tensor], Any]] = None
     task_state: Callable[[], dict[str, Any]] = field(default=lambda: {})
     memory_format: torch.memory_format = torch.contiguous_format
+    step: Optional[Callable[..., StepOut]] = None
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set; returns mean loss terms and accuracy."""
@@ -130,17 +133,13 @@ class Trainer:
         self.objective.train()
         meters = DeviceMeters(device)
         steps = len(self.train_loader)
-        for step, (images, labels, index) in enumerate(self.train_loader, start=1):
-            images = images.contiguous(memory_format=self.memory_format)
-            teacher_out = self.teacher(images) if self.teacher is not None else None
-            with autocast(device, cfg.precision):
-                out = self.objective(images, labels, index, epoch, teacher_out)
-            self.optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            self.optimizer.step()
-            correct = out["logits"].detach().argmax(dim=1).eq(labels).sum()
-            meters.update({"loss": out["loss"], **{f"loss_{k}": v for k, v in out["terms"].items()}},
-                          correct, labels.shape[0])
+        run_step = self.step or TrainStep(self.objective, self.teacher, self.optimizer, cfg.precision,
+                                          self.memory_format)
+        for step, batch in enumerate(self.train_loader, start=1):
+            images, labels, index, views = unpack(batch)
+            out = run_step(images, labels, index, views, epoch)
+            meters.update({"loss": out.loss, **{f"loss_{k}": v for k, v in out.terms.items()}},
+                          out.correct, labels.shape[0])
             if step % cfg.print_freq == 0 or step == steps:
                 stats = meters.read(self.env)  # sync point: once per print_freq steps
                 self._check_finite(stats, epoch, step)
@@ -198,7 +197,7 @@ class Trainer:
                 group["lr"] = lr
             start = time.perf_counter()
             train = self.train_epoch(epoch)
-            test = evaluate(self.model, self.test_loader, cfg.precision, self.memory_format)
+            test = evaluate(self.model, self.test_loader, cfg.precision, self.memory_format, self.env)
             seconds = time.perf_counter() - start
             progress.epoch = epoch
             if test["acc1"] > progress.best_acc:
@@ -208,6 +207,9 @@ class Trainer:
                        "test_acc": test["acc1"], "test_acc5": test["acc5"], "test_loss": test["loss"],
                        "seconds": seconds}
                 row.update({k: v for k, v in train.items() if k.startswith("loss_")})
+                skipped = getattr(self.train_loader, "num_skipped", 0)
+                if skipped:  # undecodable image files, skipped with a warning (ImageNet)
+                    row["skipped_files"] = skipped
                 self.save_checkpoints(progress, test["acc1"])
                 assert self.logbook is not None
                 self.logbook.log_epoch(row)
