@@ -195,6 +195,9 @@ class Distiller(nn.Module):
             passes three feature maps through batch norms a second time, which moves their
             running statistics).
         flags: the command-line flags the method reads (see :class:`Flag`).
+        graph_safe: False when the method's forward cannot be replayed from a CUDA graph
+            (host synchronisation, its own random generator, collective communication); runs
+            using it stay eager.
     """
 
     name: ClassVar[str] = ""
@@ -205,6 +208,7 @@ class Distiller(nn.Module):
     main_is_zero: ClassVar[bool] = False
     student_forward: ClassVar[Optional[str]] = None
     flags: ClassVar[tuple[Flag, ...]] = ()
+    graph_safe: ClassVar[bool] = True
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__()
@@ -232,6 +236,11 @@ class Distiller(nn.Module):
                 ) -> torch.Tensor | Mapping[str, torch.Tensor]:
         """Returns one unweighted 0-d loss, or a dict of named 0-d parts that sum to it."""
         raise NotImplementedError
+
+    def graph_key(self, epoch: int) -> Any:
+        """What of ``epoch`` the forward depends on (None: nothing). A captured step is
+        captured again when this changes (DKD's warm-up factor)."""
+        return None
 
     def init_stage(self) -> Optional[InitStage]:
         """The method's initialisation stage, or None (the default) when it has none."""

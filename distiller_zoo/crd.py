@@ -245,6 +245,7 @@ class CRDMethod(Distiller):
     logit_only = False
     default_weight = 0.8
     paper = "Tian, Krishnan & Isola, Contrastive Representation Distillation, ICLR 2020"
+    graph_safe = False  # its own sampler generator, a one-off host read of Z, DDP gathers
     flags = (
         FEAT_DIM,
         Flag("--mode", str, "exact", "positive: the sample itself (exact) or a random same-class "

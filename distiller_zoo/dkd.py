@@ -97,6 +97,9 @@ class DKDMethod(Distiller):
         """``min(epoch / warmup, 1)`` with 1-based epochs, as mdistiller's DKD wrapper."""
         return min(epoch / self.warmup, 1.0) if self.warmup > 0 else 1.0
 
+    def graph_key(self, epoch: int) -> float:
+        return self.warmup_factor(epoch)
+
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:
         loss = dkd_loss(student.logits, autograd_safe(teacher.logits), batch.labels,
                         self.alpha, self.beta, self.T)

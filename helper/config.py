@@ -16,13 +16,13 @@ import random
 import sys
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
+from dataset import DATASETS, DECODE_MODES, dataset_help
 from errors import UserError
 from helper.speed import COMPILE_MODES
 
 LIGHT_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 DEFAULT_LR = 0.05
 LIGHT_LR = 0.01
-DATASETS = ("cifar100", "digits")
 
 
 class Config(Mapping[str, Any]):
@@ -112,10 +112,18 @@ def option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the flags shared by ``train_teacher.py`` and ``train_student.py``."""
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="cifar100", choices=DATASETS,
-                      help="cifar100 (downloaded into --data_folder) or digits (bundled, offline)")
+    data.add_argument("--dataset", default="cifar100", choices=DATASETS, help=dataset_help())
     data.add_argument("--data_folder", default="./data",
-                      help="where cifar-100-python.tar.gz / cifar-100-python/ live")
+                      help="cifar100: where cifar-100-python.tar.gz / cifar-100-python/ live; "
+                           "imagenet: the folder holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
+    data.add_argument("--workers", type=int, default=None,
+                      help="image-folder data (imagenet): loader worker processes per rank, 0 reads "
+                           "in the main process (default: the CPU cores this process may use, "
+                           "shared by the ranks on this node, one left to each rank, at most 32)")
+    data.add_argument("--decode", default="auto", choices=DECODE_MODES,
+                      help="image-folder data: where JPEGs are decoded; device = by this process "
+                           "(nvJPEG on CUDA), workers = PIL in the workers, auto = device when "
+                           "CUDA and torchvision's nvJPEG decoder are present, else workers")
 
     optim = parser.add_argument_group("optimisation (the reference recipe)")
     optim.add_argument("--batch_size", type=int, default=64,
@@ -153,6 +161,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--channels_last", action="store_true", help="channels_last memory format")
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the networks (falls back to eager with a warning)")
+    speed.add_argument("--cuda_graphs", default="auto", choices=("auto", "on", "off"),
+                       help="replay the training step from a CUDA graph. auto: on one CUDA process "
+                            "without --compile when every part allows it (else eager, said at start); "
+                            "on: the same, warning when it cannot; off: always eager. Each capture "
+                            "is checked against an eager step")
     speed.add_argument("--compile_mode", default="default",
                        choices=COMPILE_MODES,
                        help="torch.compile mode with --compile; reduce-overhead adds CUDA graphs")
@@ -213,6 +226,8 @@ def derive_common(flags: Mapping[str, Any], model: str, drawn_seed: Optional[int
         raise UserError(f"--batch_size must be positive, got {flags['batch_size']}")
     if flags["save_freq"] <= 0 or flags["print_freq"] <= 0:
         raise UserError("--save_freq and --print_freq must be positive")
+    if flags.get("workers") is not None and flags["workers"] < 0:
+        raise UserError(f"--workers must be 0 or more, got {flags['workers']}")
     _check_finite_positive("learning_rate", flags["learning_rate"])
     _check_finite_positive("lr_decay_rate", flags["lr_decay_rate"])
     _check_finite_positive("weight_decay", flags["weight_decay"], allow_zero=True)

@@ -170,6 +170,21 @@ class DistillObjective(nn.Module):
                 loss = loss + beta * value
         return {"loss": loss, "logits": s.logits, "terms": terms}
 
+    @property
+    def graph_safe(self) -> bool:
+        """Whether every method in use can be replayed from a CUDA graph."""
+        return all(m.graph_safe for m, on in ((self.main, self.use_main), (self.add, self.use_add)) if on)
+
+    @property
+    def graph_unsafe_reason(self) -> str:
+        used = [m for m, on in ((self.main, self.use_main), (self.add, self.use_add)) if on]
+        return ", ".join(f"--distill/--add {m.name}" for m in used if not m.graph_safe)
+
+    def graph_key(self, epoch: int) -> tuple:
+        """What the methods in use read of ``epoch`` (see :meth:`Distiller.graph_key`)."""
+        return tuple(m.graph_key(epoch) for m, on in ((self.main, self.use_main),
+                                                      (self.add, self.use_add)) if on)
+
     def freeze_untrained(self) -> None:
         """Turns ``requires_grad`` off for every method parameter the main stage does not
         train (methods with weight 0, FT's paraphraser, AB's connectors) and on for the rest."""

@@ -40,32 +40,40 @@ class Progress:
 
 
 class DeviceMeters:
-    """Sums of loss terms and correct predictions, kept on the device (no per-step sync)."""
+    """Sums of loss terms and correct predictions, kept on the device (no per-step sync).
+
+    The sums live in one vector, so an update is a handful of kernels whatever the number of
+    terms (a step's own cost is what this loop is about).
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = torch.zeros((), device=device)
+        self.names: Optional[list[str]] = None
+        self.total: Optional[torch.Tensor] = None  # [sum of each term..., correct]
+        self.count = 0
 
     def update(self, terms: dict[str, torch.Tensor], correct: torch.Tensor, batch: int) -> None:
-        for name, value in terms.items():
-            acc = self.sums.get(name)
-            value = value.detach().float().reshape(()) * batch
-            self.sums[name] = value if acc is None else acc + value
-        acc = self.sums.get("correct")
-        self.sums["correct"] = correct.float() if acc is None else acc + correct.float()
-        self.count = self.count + batch
+        """Adds one batch: ``terms`` are 0-d means over its ``batch`` samples, ``correct`` 0-d."""
+        if self.names is None:
+            self.names = list(terms)
+        elif list(terms) != self.names:
+            raise ValueError(f"loss terms changed within an epoch: {self.names} -> {list(terms)}")
+        means = torch.stack([v.detach().reshape(()).float() for v in terms.values()])
+        row = torch.cat([means * batch, correct.reshape(1).float()])
+        self.total = row if self.total is None else self.total + row
+        self.count += batch
 
     def read(self, env: Optional[DistEnv] = None) -> dict[str, float]:
         """Means over the samples seen (summed over ranks); synchronises with the host."""
-        names = list(self.sums)
-        packed = torch.stack([self.sums[n] for n in names] + [self.count])
+        if self.total is None or self.names is None:
+            raise ValueError("no batch was seen")
+        packed = torch.cat([self.total, self.total.new_tensor([self.count])])
         if env is not None:
-            packed = distributed.all_reduce_sum(packed.clone(), env)
+            packed = distributed.all_reduce_sum(packed, env)
         values = packed.tolist()
         count = max(values[-1], 1.0)
-        out = {n: v / count for n, v in zip(names, values[:-1])}
-        out["acc"] = 100.0 * out.pop("correct")
+        out = {n: v / count for n, v in zip(self.names, values[:-2])}
+        out["acc"] = 100.0 * values[-2] / count
         return out
 
 

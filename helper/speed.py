@@ -14,12 +14,13 @@ from torch import nn
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """An autocast context for ``precision`` (a no-op for fp32)."""
+def autocast(device: torch.device, precision: str, cache: bool = True) -> contextlib.AbstractContextManager:
+    """An autocast context for ``precision`` (a no-op for fp32); ``cache=False`` inside CUDA
+    graph capture, which autocast's weight-cast cache does not survive."""
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
@@ -38,6 +39,11 @@ class CompiledOrEager(nn.Module):
         super().__init__()
         self.module = module
         self._compiled: Callable[..., Any] | None = torch.compile(module, mode=mode)
+
+    @property
+    def compiled(self) -> bool:
+        """True while calls go to the compiled module; False once it failed and fell back."""
+        return self._compiled is not None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._compiled is not None:

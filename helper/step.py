@@ -33,20 +33,22 @@ class TrainStep:
         optimizer: updates the objective's trainable parameters.
         precision: ``fp32`` or ``bf16`` (autocast of the forward passes).
         memory_format: layout the images are given in.
+        cache_casts: autocast's weight-cast cache (off when the step is captured as a graph).
     """
 
     def __init__(self, objective: nn.Module, teacher: Optional[Callable[..., Any]],
                  optimizer: torch.optim.Optimizer, precision: str,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+                 memory_format: torch.memory_format = torch.contiguous_format,
+                 cache_casts: bool = True) -> None:
         self.objective, self.teacher, self.optimizer = objective, teacher, optimizer
-        self.precision, self.memory_format = precision, memory_format
+        self.precision, self.memory_format, self.cache_casts = precision, memory_format, cache_casts
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
                  views: Optional[torch.Tensor], epoch: int) -> StepOut:
         """Runs one step on a batch ``images [B, 3, H, W]``, ``labels [B]``, ``index [B]`` and
         the loader's view ids ``views [B]`` (None when the loader does not report them)."""
         teacher_out = self.teacher(images, views) if self.teacher is not None else None
-        with autocast(images.device, self.precision):
+        with autocast(images.device, self.precision, self.cache_casts):
             out = self.objective(images, labels, index, epoch, teacher_out)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()

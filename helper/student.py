@@ -31,7 +31,9 @@ from helper.init_stage import run_init_stage
 from helper.loop import Trainer
 from helper.run import (check_data_fits, load_data, make_loaders, make_logbook, open_run_dir, restore,
                         seed_everything, train_and_report)
+from helper.graph_step import GraphedStep, graph_plan, report_step_mode
 from helper.speed import autocast, maybe_compile, memory_format
+from helper.step import TrainStep
 
 # Short names the seed code's run names use for the flags it puts there.
 NAME_KEYS = {"ttm_l": "l", "kd_T": "T"}
@@ -256,12 +258,16 @@ class Step:
         optimizer: SGD over the student's and the methods' trainable parameters.
         trainable: the module the loop calls: the objective, its student compiled when asked,
             DDP-wrapped on several ranks (the teacher stays outside DDP).
+        run: the per-batch step the loop calls (eager, or replayed from a CUDA graph).
+        mode: how ``run`` runs, for the run's header.
     """
 
     student: nn.Module
     teacher: FrozenTeacher
     optimizer: torch.optim.Optimizer
     trainable: nn.Module
+    run: TrainStep | GraphedStep
+    mode: str
 
 
 def assemble_step(cfg: Config, env: distributed.DistEnv, objective: DistillObjective,
@@ -273,11 +279,15 @@ def assemble_step(cfg: Config, env: distributed.DistEnv, objective: DistillObjec
     objective.freeze_untrained()  # before DDP: it registers what requires grad
     optimizer = torch.optim.SGD(objective.trainable_parameters(), lr=cfg.learning_rate,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    graphed, mode = graph_plan(cfg.cuda_graphs, env.device, env.world_size, cfg.compile, objective)
     frozen = FrozenTeacher(maybe_compile(teacher, cfg.compile, cfg.compile_mode), objective.feature_kind,
-                           lambda: autocast(env.device, cfg.precision))
+                           lambda: autocast(env.device, cfg.precision, cache=not graphed))
     student = objective.student
     objective.student = maybe_compile(student, cfg.compile, cfg.compile_mode)
-    return Step(student, frozen, optimizer, distributed.wrap(objective, env))
+    trainable = distributed.wrap(objective, env)
+    eager = TrainStep(trainable, frozen, optimizer, cfg.precision, fmt, cache_casts=not graphed)
+    run = GraphedStep(eager, objective) if graphed else eager
+    return Step(student, frozen, optimizer, trainable, run, mode)
 
 
 def warn_if_plain_training(cfg: Config, objective: DistillObjective) -> None:
@@ -317,13 +327,15 @@ def train(argv: Optional[Sequence[str]] = None) -> str:
         print(f"run folder {run_dir}", flush=True)
         warn_if_plain_training(cfg, objective)
     step = assemble_step(cfg, env, objective, teacher, fmt)
+    report_step_mode(cfg, env, step.mode)
     progress = restore(cfg, env, run_dir, cfg.model_s, step.student, step.optimizer, train_loader,
                        objective.load_task_state)
     fresh = progress.epoch == 0 and not os.path.exists(os.path.join(run_dir, "resume.pth"))
     text_log = os.path.join(cfg.save_root, "student_log", run_name + ".txt")
     trainer = Trainer(cfg, env, step.trainable, step.student, cfg.model_s, step.optimizer,
                       train_loader, test_loader, run_dir, make_logbook(env, run_dir, progress, text_log),
-                      teacher=step.teacher, task_state=objective.task_state, memory_format=fmt)
+                      teacher=step.teacher, task_state=objective.task_state, memory_format=fmt,
+                      step=step.run)
     if fresh:
         run_init_stage(objective.main.init_stage(), step.student, teacher, trainer)
         objective.freeze_untrained()  # what only the initialisation stage trains is frozen again

@@ -20,7 +20,9 @@ from helper.config import (Config, OneLineParser, add_common_arguments, derive_c
 from helper.loop import Trainer
 from helper.run import (check_data_fits, load_data, make_loaders, make_logbook, open_run_dir, restore,
                         seed_everything, train_and_report)
+from helper.graph_step import GraphedStep, graph_plan, report_step_mode
 from helper.speed import maybe_compile, memory_format
+from helper.step import TrainStep
 
 
 class ClassifierObjective(nn.Module):
@@ -93,7 +95,11 @@ def train(argv: Optional[Sequence[str]] = None) -> str:
         print(f"training {cfg.model} on {cfg.dataset} ({data.train_labels.numel()} images) on {env.device}, "
               f"lr {cfg.learning_rate}, seed {cfg.seed}, run folder {run_dir}", flush=True)
     progress = restore(cfg, env, run_dir, cfg.model, model, optimizer, train_loader)
-    trainer = Trainer(cfg, env, distributed.wrap(objective, env), model, cfg.model, optimizer,
+    graphed, mode = graph_plan(cfg.cuda_graphs, env.device, env.world_size, cfg.compile, objective)
+    report_step_mode(cfg, env, mode)
+    trainable = distributed.wrap(objective, env)
+    eager = TrainStep(trainable, None, optimizer, cfg.precision, fmt, cache_casts=not graphed)
+    trainer = Trainer(cfg, env, trainable, model, cfg.model, optimizer,
                       train_loader, test_loader, run_dir, make_logbook(env, run_dir, progress),
-                      memory_format=fmt)
+                      memory_format=fmt, step=GraphedStep(eager, objective) if graphed else eager)
     return train_and_report(trainer, progress)
