@@ -1,11 +1,13 @@
-"""The in-memory image data set that every loader returns."""
+"""The in-memory image data set (CIFAR-100, digits): whole uint8 tensors, on-device loaders."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
+
+from dataset.loader import DeviceLoader
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
@@ -62,3 +64,34 @@ class ImageDataset:
             test_images=self.test_images.to(device),
             test_labels=self.test_labels.to(device),
         )
+
+    def loaders(self, batch_size: int, eval_batch_size: int, seed: int, rank: int = 0,
+                world_size: int = 1, device: Optional[Union[str, torch.device]] = None,
+                memory_format: torch.memory_format = torch.contiguous_format, workers: int = 0,
+                decode: str = "auto") -> tuple[DeviceLoader, DeviceLoader]:
+        """This rank's training loader (shuffled, augmented) and test loader.
+
+        The same call as ``ImageFolderData.loaders``, so a run builds its loaders one way for
+        every data set. Both are sharded by rank: training as :class:`DeviceLoader` shards it
+        (one permutation, padded), test as ``r, r + world_size, ...`` without padding, so the
+        per-rank sums of an evaluation add up to the whole test set.
+
+        Args:
+            batch_size: training samples per batch on this rank.
+            eval_batch_size: test samples per batch on this rank.
+            seed: base seed, the same on every rank.
+            rank, world_size: this process's shard.
+            device: where the loaders run; the tensors are moved there (no copy when they
+                already live there). None: where they are.
+            memory_format: layout of the yielded images.
+            workers, decode: accepted for the common signature and unused: there are no
+                files to read or decode.
+        """
+        data = self if device is None else self.to(device)
+        train = DeviceLoader(data.train_images, data.train_labels, batch_size, data.mean, data.std,
+                             train=True, seed=seed, rank=rank, world_size=world_size,
+                             memory_format=memory_format)
+        test = DeviceLoader(data.test_images, data.test_labels, eval_batch_size, data.mean, data.std,
+                            train=False, seed=seed, rank=rank, world_size=world_size,
+                            memory_format=memory_format)
+        return train, test

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 import models
-from dataset import ImageDataset, load_dataset
-from dataset.loader import DeviceLoader
+from dataset import Data, ImageDataset, load_dataset
 from helper import distributed
 from helper.checkpoint import load_checkpoint, set_rng_state
 from helper.config import Config
@@ -20,6 +19,7 @@ from helper.logbook import Logbook, write_json
 from helper.loop import Progress, Trainer
 
 EVAL_BATCH = 500  # evaluation batch size: no effect on accuracy, fewer launches
+MAX_WORKERS = 32  # cap of the default workers per rank: each forks and holds prefetched batches
 
 
 def seed_everything(seed: int) -> None:
@@ -29,12 +29,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_data(cfg: Config, env: DistEnv) -> ImageDataset:
-    """Loads the data set once and moves its uint8 tensors onto this rank's device."""
-    return load_dataset(cfg.dataset, cfg.data_folder).to(env.device)
+def load_data(cfg: Config, env: DistEnv) -> Data:
+    """Loads the data set once; an in-memory one moves its uint8 tensors onto this rank's
+    device, an image folder stays on disk (its loaders stream the files)."""
+    data = load_dataset(cfg.dataset, cfg.data_folder)
+    return data.to(env.device) if isinstance(data, ImageDataset) else data
 
 
-def check_data_fits(cfg: Config, data: ImageDataset, archs: tuple[str, ...]) -> None:
+def check_data_fits(cfg: Config, data: Data, archs: tuple[str, ...]) -> None:
     """Refuses networks built for another image size than the data's, and a batch larger
     than the training set (an epoch would be one partial step)."""
     for arch in archs:
@@ -49,17 +51,52 @@ def check_data_fits(cfg: Config, data: ImageDataset, archs: tuple[str, ...]) -> 
                         f"({n_train} images of --dataset {cfg.dataset}); an epoch would be one partial step")
 
 
-def make_loaders(cfg: Config, env: DistEnv, data: ImageDataset,
-                 memory_format: torch.memory_format) -> tuple[DeviceLoader, DeviceLoader]:
-    """The shuffled, augmented training loader (this rank's shard) and the test loader."""
+def default_workers() -> int:
+    """Loader worker processes per rank when ``--workers`` is not given: the CPU cores this
+    process may use, shared by the ranks on this node (torchrun's ``LOCAL_WORLD_SIZE``), less
+    one per rank for the rank itself, at most :data:`MAX_WORKERS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    local_ranks = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(0, min(MAX_WORKERS, cores // local_ranks - 1))
+
+
+def make_loaders(cfg: Config, env: DistEnv, data: Data,
+                 memory_format: torch.memory_format) -> tuple[Any, Any]:
+    """This rank's shuffled, augmented training loader and its shard of the test set.
+
+    One call for every data set (``data.loaders``). Evaluation batches are :data:`EVAL_BATCH`
+    for in-memory data; streamed ones use twice the training batch per rank (no backward pass
+    to hold), at most :data:`EVAL_BATCH`, so a worker's batch stays small in shared memory.
+    Close both with :func:`close_loaders` (image-folder loaders own worker processes).
+    """
     if cfg.batch_size % env.world_size:
         raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {env.world_size} ranks")
-    train = DeviceLoader(data.train_images, data.train_labels, cfg.batch_size // env.world_size,
-                         data.mean, data.std, train=True, seed=cfg.seed, rank=env.rank,
-                         world_size=env.world_size, memory_format=memory_format)
-    test = DeviceLoader(data.test_images, data.test_labels, EVAL_BATCH, data.mean, data.std,
-                        train=False, seed=cfg.seed, memory_format=memory_format)
+    per_rank = cfg.batch_size // env.world_size
+    in_memory = isinstance(data, ImageDataset)
+    eval_batch = EVAL_BATCH if in_memory else min(2 * per_rank, EVAL_BATCH)
+    workers = cfg.get("workers")
+    workers = default_workers() if workers is None else workers
+    train, test = data.loaders(per_rank, eval_batch, cfg.seed, rank=env.rank, world_size=env.world_size,
+                               device=env.device, memory_format=memory_format, workers=workers,
+                               decode=cfg.get("decode", "auto"))
+    if env.is_main and not in_memory:
+        where = f"in this process ({env.device})" if train.mode == "bytes" else "in the workers"
+        print(f"{cfg.dataset}: {data.train_labels.numel()} training and {data.test_labels.numel()} "
+              f"validation images, {data.num_classes} classes, from {cfg.data_folder}; "
+              f"{workers} loader workers per rank, decoding {where}", flush=True)
     return train, test
+
+
+def close_loaders(*loaders: Any) -> None:
+    """Stops the worker processes of the loaders that have them (image-folder loaders); a
+    no-op for in-memory ones."""
+    for loader in loaders:
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
 
 
 def open_run_dir(cfg: Config, env: DistEnv, run_dir: str, extra: Optional[dict[str, Any]] = None) -> None:
@@ -114,11 +151,17 @@ def make_logbook(env: DistEnv, run_dir: str, progress: Progress, text_log: Optio
 def train_and_report(trainer: Trainer, progress: Progress) -> str:
     """Runs the remaining epochs, prints which checkpoint holds the best epoch, leaves the group.
 
+    The trainer's loaders are closed when the epochs end or fail (no loader worker outlives
+    the run).
+
     Returns:
         The path of the best checkpoint, ``<run_dir>/<arch>_best.pth``, or of the last one
         ``<arch>_last.pth`` when no epoch scored above 0 % (no best checkpoint is written then).
     """
-    progress = trainer.fit(progress)
+    try:
+        progress = trainer.fit(progress)
+    finally:
+        close_loaders(trainer.train_loader, trainer.test_loader)
     best = os.path.join(trainer.run_dir, f"{trainer.arch}_best.pth")
     last = os.path.join(trainer.run_dir, f"{trainer.arch}_last.pth")
     if trainer.env.is_main:

@@ -1,8 +1,9 @@
-"""The six published CIFAR-100 teachers: where they live, whether a file is one, how good it is.
+"""The published teachers (CIFAR-100, ImageNet): where they live, whether a file is one, how good it is.
 
     python -m helper.teachers check PATH --arch ARCH [--num_classes 100]
     python -m helper.teachers list [--root save/models]
     python -m helper.teachers verify [ARCH ...] [--root save/models] [--device auto]
+    python -m helper.teachers verify --imagenet --data_folder DIR [ARCH ...] [--workers N]
 
 ``check`` loads a file with ``weights_only=True`` into the architecture (keys and shapes
 must match exactly); it exits 0 when the file is a valid checkpoint, 3 when it is not (the
@@ -10,7 +11,9 @@ fetch script deletes such files), 2 on a usage error. ``list`` shows which teach
 present and valid: the CIFAR-100 ones, and torchvision's ImageNet files of
 ``IMAGENET_TEACHERS`` (``<root>/<arch>_imagenet/<file>``, checked by SHA-256). ``verify``
 scores each present teacher on the test set and flags any that is more than
-``--tolerance`` points from the published top-1 (exit 1 when one is flagged).
+``--tolerance`` points from the published top-1 (exit 1 when one is flagged); with
+``--imagenet`` (short for ``--dataset imagenet``) it scores the ImageNet files on the val
+split of the ILSVRC-2012 folder ``--data_folder`` against torchvision's top-1.
 """
 from __future__ import annotations
 
@@ -55,6 +58,10 @@ IMAGENET_TEACHERS = {
     "resnet34": ImagenetTeacher("resnet34-b627a593.pth", 73.314, teacher=True),
     "resnet50": ImagenetTeacher("resnet50-0676ba61.pth", 76.130, teacher=True),
 }
+
+
+# The paper's figures where they differ from torchvision's (shown beside the verdict).
+PAPER_IMAGENET_TOP1 = {"resnet50": 76.16}
 
 
 def imagenet_teacher_path(root: str, arch: str, file: Optional[str] = None) -> str:
@@ -114,16 +121,32 @@ def stored_accuracy(ckpt: dict) -> Optional[float]:
     return None
 
 
-def score(model: nn.Module, dataset: str, data_folder: str, device: torch.device,
-          batch_size: int = 500) -> float:
-    """Top-1 (%) of ``model`` on the test split of ``dataset``."""
-    from dataset import DeviceLoader, load_dataset
+def score(model: nn.Module, data, device: torch.device, batch_size: int = 250,
+          workers: int = 0, decode: str = "auto") -> float:
+    """Top-1 (%) of ``model`` on the test (ImageNet: val) split of ``data``, a loaded data set
+    (``dataset.load_dataset``); ``workers`` and ``decode`` act on image-folder data only."""
     from helper.evaluate import evaluate
+    from helper.run import close_loaders
 
-    data = load_dataset(dataset, data_folder, download=True).to(device)
-    loader = DeviceLoader(data.test_images, data.test_labels, batch_size, data.mean, data.std,
-                          train=False, seed=0)
-    return evaluate(model.to(device), loader)["acc1"]
+    train, test = data.loaders(batch_size, batch_size, seed=0, device=device, workers=workers,
+                               decode=decode)
+    try:
+        return evaluate(model.to(device), test)["acc1"]
+    finally:
+        close_loaders(train, test)
+
+
+def teacher_path(root: str, arch: str, imagenet: bool) -> str:
+    """Where ``verify`` looks for ``arch``: ``<root>/<arch>_vanilla/ckpt_epoch_240.pth``, or for
+    ImageNet torchvision's file in ``<root>/<arch>_imagenet/`` (another architecture's: the
+    one ``.pth`` file that folder holds)."""
+    if not imagenet:
+        return teacher_checkpoint(root, arch)
+    if arch in IMAGENET_TEACHERS:
+        return imagenet_teacher_path(root, arch)
+    folder = os.path.join(root, f"{arch}_imagenet")
+    found = sorted(f for f in os.listdir(folder) if f.endswith(".pth")) if os.path.isdir(folder) else []
+    return os.path.join(folder, found[0] if len(found) == 1 else f"{arch}.pth")
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -174,8 +197,9 @@ def _imagenet_status(path: str, arch: str) -> str:
     return "valid"
 
 
-def _expected_table(pairs: Sequence[str]) -> dict[str, float]:
-    table = dict(PUBLISHED_TOP1)
+def _expected_table(pairs: Sequence[str], imagenet: bool) -> dict[str, float]:
+    table = ({a: row.top1 for a, row in IMAGENET_TEACHERS.items()} if imagenet
+             else dict(PUBLISHED_TOP1))
     for item in pairs:
         arch, sep, value = item.partition("=")
         try:
@@ -188,36 +212,46 @@ def _expected_table(pairs: Sequence[str]) -> dict[str, float]:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    expected = _expected_table(args.expected)
-    archs = args.archs or list(PUBLISHED_TOP1)
+    if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
+        raise UserError("--batch_size must be positive and --workers 0 or more")
+    imagenet = args.dataset == "imagenet"
+    expected = _expected_table(args.expected, imagenet)
+    archs = args.archs or list(IMAGENET_TEACHERS if imagenet else PUBLISHED_TOP1)
     unknown = [a for a in archs if a not in expected]
     if unknown:
         raise UserError(f"no expected accuracy for {unknown[0]}; pass --expected {unknown[0]}=ACC")
-    present = [a for a in archs if os.path.exists(teacher_checkpoint(args.root, a))]
+    paths = {arch: teacher_path(args.root, arch, imagenet) for arch in archs}
+    present = [a for a in archs if os.path.isfile(paths[a])]
     if not present:
-        raise UserError(f"no teacher checkpoints under {args.root}; run "
-                        "bash scripts/fetch_pretrained_teachers.sh")
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+        raise UserError(f"no {'ImageNet ' if imagenet else ''}teacher checkpoints under {args.root}; run "
+                        f"bash scripts/fetch_pretrained_teachers.sh{' --imagenet' if imagenet else ''}")
+    from dataset import load_dataset
+    from helper.distributed import resolve_device
+    from helper.run import default_workers
+
+    device = resolve_device(args.device)
+    data = load_dataset(args.dataset, args.data_folder, download=True)
+    workers = default_workers() if args.workers is None else args.workers
     flagged = 0
     print(f"{'arch':<11} {'measured':>8} {'expected':>8} {'diff':>6}  verdict")
     for arch in archs:
-        path = teacher_checkpoint(args.root, arch)
         if arch not in present:
-            print(f"{arch:<11} {'-':>8} {expected[arch]:>8.2f} {'-':>6}  missing ({path})")
+            print(f"{arch:<11} {'-':>8} {expected[arch]:>8.2f} {'-':>6}  missing ({paths[arch]})")
             continue
         try:
-            model, _ = load_teacher_file(path, arch)
+            model, _ = load_teacher_file(paths[arch], arch, data.num_classes)
         except InvalidCheckpoint as err:
             print(f"{arch:<11} {'-':>8} {expected[arch]:>8.2f} {'-':>6}  FLAG: {err}")
             flagged += 1
             continue
-        acc = score(model, args.dataset, args.data_folder, device)
+        acc = score(model, data, device, args.batch_size, workers, args.decode)
         diff = acc - expected[arch]
         bad = abs(diff) > args.tolerance
         flagged += bad
         verdict = f"FLAG: more than {args.tolerance} points off" if bad else "ok"
-        print(f"{arch:<11} {acc:>8.2f} {expected[arch]:>8.2f} {diff:>+6.2f}  {verdict}")
+        if imagenet and arch in PAPER_IMAGENET_TOP1:
+            verdict += f" (the paper quotes {PAPER_IMAGENET_TOP1[arch]:.2f})"
+        print(f"{arch:<11} {acc:>8.2f} {expected[arch]:>8.2f} {diff:>+6.2f}  {verdict}", flush=True)
     if flagged:
         print(f"{flagged} teacher(s) flagged", file=sys.stderr)
     return 1 if flagged else 0
@@ -233,16 +267,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="expected classifier width (default: whatever the file holds)")
     listing = sub.add_parser("list", help="which published teachers (CIFAR-100, ImageNet) are present and valid")
     verify = sub.add_parser("verify", help="score present teachers against the published top-1")
-    verify.add_argument("archs", nargs="*", help="subset of teachers (default: all six)")
-    verify.add_argument("--dataset", default="cifar100")
-    verify.add_argument("--data_folder", default="./data")
+    verify.add_argument("archs", nargs="*",
+                        help="subset of teachers (default: all of the data set's table)")
+    verify.add_argument("--dataset", default="cifar100", help="cifar100, digits or imagenet")
+    verify.add_argument("--imagenet", dest="dataset", action="store_const", const="imagenet",
+                        help="short for --dataset imagenet: torchvision's files, ILSVRC-2012 val")
+    verify.add_argument("--data_folder", default="./data",
+                        help="CIFAR-100 archive folder, or the ImageNet folder (train/, val/)")
     verify.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    verify.add_argument("--batch_size", type=int, default=250, help="images per evaluation batch")
+    verify.add_argument("--workers", type=int, default=None,
+                        help="ImageNet loader workers (default: as train_student.py)")
+    verify.add_argument("--decode", default="auto", choices=("auto", "workers", "device"),
+                        help="ImageNet: where JPEGs are decoded (as train_student.py)")
     verify.add_argument("--tolerance", type=float, default=0.3, help="allowed |measured - expected|")
     verify.add_argument("--expected", action="append", default=[], metavar="ARCH=ACC",
                         help="expected top-1 instead of the published one (repeatable)")
     for p in (listing, verify):
         p.add_argument("--root", default=TEACHER_ROOT,
-                       help="teacher folder: <root>/<arch>_vanilla/ckpt_epoch_240.pth")
+                       help="teacher folder: <root>/<arch>_vanilla/ckpt_epoch_240.pth, "
+                            "<root>/<arch>_imagenet/<torchvision file>")
     return parser
 
 

@@ -236,7 +236,7 @@ def test_digits_split_is_fixed():
 
 
 def test_registry_and_unknown_name(tmp_path):
-    assert DATASETS == ("cifar100", "digits")
+    assert DATASETS == ("cifar100", "digits", "imagenet")
     assert load_dataset("digits", str(tmp_path)).num_classes == 10
     with pytest.raises(UserError, match="unknown data set 'cifar10'.*cifar100, digits"):
         load_dataset("cifar10", str(tmp_path))
