@@ -21,7 +21,8 @@ __all__ = ["ContrastMemory", "ContrastLoss", "CRDLoss", "ContrastSampler"]
 log = logging.getLogger(__name__)
 eps = 1e-7
 _KEY_HIGH = 2 ** 62  # random int64 keys: ties (which would bias topk) have probability ~N²/2⁶³
-_SEED_SALT = zlib.crc32(b"crd contrast sampler")  # keeps this stream apart from others seeded by --seed
+_SEED_SALT = zlib.crc32(b"crd contrast sampler")
+REPLACE_ABOVE = 200_000  # training-set size above which --nce_replace auto draws with replacement  # keeps this stream apart from others seeded by --seed
 
 
 class ContrastMemory(nn.Module):
@@ -167,10 +168,13 @@ class ContrastSampler:
         k: negatives per sample (``--nce_k``).
         mode: ``"exact"`` or ``"relax"`` (``--mode``).
         generator: random source on ``labels.device``; its state is the sampler's state.
+        always_replace: draw every sample's negatives with replacement, as the ImageNet
+            reference does (mdistiller's ``ImageNetInstanceSample``); keys ``[B, k]`` instead
+            of ``[B, N]`` (``B * N`` int64 keys would be 2.6 GB at B = 256, N = 1.28 M).
     """
 
     def __init__(self, labels: torch.Tensor, k: int, mode: str = "exact",
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, always_replace: bool = False) -> None:
         if mode not in ("exact", "relax"):
             raise ValueError(f"mode must be 'exact' or 'relax', got {mode!r}")
         self.labels = labels.long()
@@ -180,7 +184,7 @@ class ContrastSampler:
         self.starts = torch.cumsum(self.counts, 0) - self.counts  # class blocks of `order`
         self.order = torch.argsort(self.labels, stable=True)
         self.pool = self.labels.numel() - self.counts  # negatives available per class
-        self.replace = self.pool < self.k
+        self.replace = (self.pool < self.k) | always_replace
         present = self.counts > 0
         if bool((present & (self.pool == 0)).any()):
             raise ValueError("CRD needs at least two classes to draw negatives from")
@@ -253,6 +257,9 @@ class CRDMethod(Distiller):
         Flag("--nce_k", int, 16384, "number of negative samples for NCE", minimum=1),
         Flag("--nce_t", float, 0.07, "temperature parameter for softmax", above=0),
         Flag("--nce_m", float, 0.5, "momentum for non-parametric updates", minimum=0, below=1),
+        Flag("--nce_replace", str, "auto", "negatives drawn with replacement: yes (the ImageNet "
+             "reference), no (the CIFAR-100 reference, unless a class's pool is smaller than "
+             "--nce_k), auto: yes above 200,000 training images", choices=("auto", "yes", "no")),
     )
 
     def __init__(self, ctx: MethodContext) -> None:
@@ -265,7 +272,9 @@ class CRDMethod(Distiller):
         generator = torch.Generator(device=ctx.train_labels.device)
         # each DDP rank draws its own negatives (rank 0 keeps the single-process stream)
         generator.manual_seed((int(cfg.seed) + _SEED_SALT + 1000003 * _rank()) % 2 ** 63)
-        self.sampler = ContrastSampler(ctx.train_labels, cfg.nce_k, cfg.mode, generator)
+        replace = cfg.nce_replace
+        always = replace == "yes" or (replace == "auto" and ctx.n_data > REPLACE_ABOVE)
+        self.sampler = ContrastSampler(ctx.train_labels, cfg.nce_k, cfg.mode, generator, always)
         self._z_shared = False
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:

@@ -23,6 +23,20 @@ from helper.speed import COMPILE_MODES
 LIGHT_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 DEFAULT_LR = 0.05
 LIGHT_LR = 0.01
+# The recipe a data set trains with where the flags leave it open. CIFAR-100 (and digits):
+# RepDistiller's; ImageNet: torchdistill's ILSVRC-2012 KD config, which the paper used
+# (configs/official/ilsvrc2012/yoshitomo-matsubara/kd-resnet18_from_resnet34.yaml).
+RECIPES = {
+    "cifar": {"epochs": 240, "batch_size": 64, "learning_rate": DEFAULT_LR,
+              "lr_decay_epochs": "150,180,210", "weight_decay": 5e-4},
+    "imagenet": {"epochs": 100, "batch_size": 256, "learning_rate": 0.1,
+                 "lr_decay_epochs": "30,60,90", "weight_decay": 1e-4},
+}
+
+
+def recipe_of(dataset: str) -> dict[str, Any]:
+    """The default recipe of a data set (``imagenet``'s, else CIFAR-100's)."""
+    return RECIPES["imagenet" if dataset == "imagenet" else "cifar"]
 
 
 class Config(Mapping[str, Any]):
@@ -125,19 +139,28 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                            "(nvJPEG on CUDA), workers = PIL in the workers, auto = device when "
                            "CUDA and torchvision's nvJPEG decoder are present, else workers")
 
-    optim = parser.add_argument_group("optimisation (the reference recipe)")
-    optim.add_argument("--batch_size", type=int, default=64,
-                       help="global batch size per step (split across DDP ranks)")
-    optim.add_argument("--epochs", type=int, default=240, help="number of training epochs")
+    cifar, imagenet = RECIPES["cifar"], RECIPES["imagenet"]
+    optim = parser.add_argument_group("optimisation (unset: the data set's reference recipe)")
+    optim.add_argument("--batch_size", type=int, default=None,
+                       help=f"global batch size per step, split across DDP ranks (default: "
+                            f"{cifar['batch_size']}; imagenet {imagenet['batch_size']})")
+    optim.add_argument("--epochs", type=int, default=None,
+                       help=f"number of training epochs (default: {cifar['epochs']}; imagenet "
+                            f"{imagenet['epochs']})")
     optim.add_argument("--learning_rate", type=float, default=None,
-                       help="SGD learning rate (default 0.05; 0.01 for MobileNetV2/ShuffleV1/ShuffleV2)")
-    optim.add_argument("--lr_decay_epochs", default="150,180,210",
-                       help="comma-separated epochs after which the LR is multiplied by --lr_decay_rate")
+                       help=f"SGD learning rate (default: {DEFAULT_LR}, {LIGHT_LR} for "
+                            f"MobileNetV2/ShuffleV1/ShuffleV2; imagenet {imagenet['learning_rate']})")
+    optim.add_argument("--lr_decay_epochs", default=None,
+                       help=f"comma-separated epochs after which the LR is multiplied by --lr_decay_rate "
+                            f"(default: {cifar['lr_decay_epochs']}; imagenet {imagenet['lr_decay_epochs']})")
     optim.add_argument("--lr_decay_rate", type=float, default=0.1, help="LR decay factor")
-    optim.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay")
+    optim.add_argument("--weight_decay", type=float, default=None,
+                       help=f"SGD weight decay (default: {cifar['weight_decay']}; imagenet "
+                            f"{imagenet['weight_decay']})")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     optim.add_argument("--lr_scale", default="none", choices=("none", "linear"),
-                       help="linear: multiply the LR by batch_size/64 (the linear scaling rule)")
+                       help="linear: multiply the LR by batch_size / the recipe's batch (64; "
+                            "imagenet 256), the linear scaling rule")
 
     run = parser.add_argument_group("run")
     run.add_argument("--trial", default="0", help="trial id, part of the run name")
@@ -220,6 +243,9 @@ def derive_common(flags: Mapping[str, Any], model: str, drawn_seed: Optional[int
         drawn_seed: the seed to use when ``--seed`` is unset (a resumed run's recorded one);
             None draws a fresh one.
     """
+    recipe = recipe_of(flags["dataset"])
+    flags = {**flags, **{k: recipe[k] for k in ("epochs", "batch_size", "lr_decay_epochs", "weight_decay")
+                         if flags[k] is None}}
     if flags["epochs"] <= 0:
         raise UserError(f"--epochs must be positive, got {flags['epochs']}")
     if flags["batch_size"] <= 0:
@@ -234,9 +260,12 @@ def derive_common(flags: Mapping[str, Any], model: str, drawn_seed: Optional[int
     _check_finite_positive("momentum", flags["momentum"], allow_zero=True)
     values = dict(flags)
     values["lr_decay_epochs"] = parse_decay_epochs(flags["lr_decay_epochs"])
-    base_lr = flags["learning_rate"] if flags["learning_rate"] is not None else default_learning_rate(model)
+    base_lr = flags["learning_rate"]
+    if base_lr is None:
+        base_lr = recipe["learning_rate"] if flags["dataset"] == "imagenet" else default_learning_rate(model)
     values["base_learning_rate"] = base_lr
-    values["learning_rate"] = base_lr * (flags["batch_size"] / 64 if flags["lr_scale"] == "linear" else 1.0)
+    scale = flags["batch_size"] / recipe["batch_size"] if flags["lr_scale"] == "linear" else 1.0
+    values["learning_rate"] = base_lr * scale
     if flags["seed"]:
         values["seed"] = flags["seed"]
     else:

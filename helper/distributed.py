@@ -92,6 +92,17 @@ def convert_sync_bn(module: nn.Module, enabled: bool, env: DistEnv) -> None:
     assert converted is module, "convert_sync_bn expects a container, not a BatchNorm itself"
 
 
+def share_buffers(module: nn.Module, env: DistEnv) -> None:
+    """Gives every rank rank 0's buffers of ``module`` (its BatchNorm statistics), so that
+    ranks scoring their shards of the test set score the network rank 0 checkpoints.
+
+    Buffers only move evaluation: in train mode BatchNorm normalises with batch statistics.
+    """
+    if env.enabled:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """Sums ``tensor`` over ranks in place (a no-op on one rank) and returns it."""
     if env.enabled:

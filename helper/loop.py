@@ -205,6 +205,7 @@ class Trainer:
                 group["lr"] = lr
             start = time.perf_counter()
             train = self.train_epoch(epoch)
+            distributed.share_buffers(self.model, self.env)  # score the network rank 0 saves
             test = evaluate(self.model, self.test_loader, cfg.precision, self.memory_format, self.env)
             seconds = time.perf_counter() - start
             progress.epoch = epoch

@@ -18,7 +18,7 @@ from errors import UserError
 # Flags a resumed run may change: output, placement and speed, not what is computed.
 FREE_TO_CHANGE = frozenset({
     "print_freq", "save_freq", "device", "compile", "compile_mode", "channels_last", "resume",
-    "save_root", "run_name", "data_folder", "path_t", "workers", "teacher_cache", "cuda_graphs",
+    "save_root", "run_name", "data_folder", "path_t", "workers", "teacher_cache", "cuda_graphs", "decode",
 })
 # Resolved values compared besides the flags themselves: what the flags do not pin down.
 IDENTITY_KEYS = ("teacher_sha256", "model_t", "world_size")

@@ -175,3 +175,18 @@ def test_config_json_round_trip(tmp_path):
     assert loaded == json.loads(json.dumps(dict(cfg)))
     assert loaded["seed"] == 5 and loaded["lr_decay_epochs"] == [3, 6]
     assert math.isclose(loaded["learning_rate"], 0.05)
+
+
+def test_each_data_set_starts_from_its_reference_recipe(tmp_path):
+    cifar = derive(tmp_path)
+    assert (cifar["epochs"], cifar["batch_size"], cifar["learning_rate"], cifar["lr_decay_epochs"],
+            cifar["weight_decay"]) == (240, 64, 0.05, [150, 180, 210], 5e-4)
+    imagenet = derive(tmp_path, "--dataset", "imagenet", model="resnet18")
+    assert (imagenet["epochs"], imagenet["batch_size"], imagenet["learning_rate"], imagenet["lr_decay_epochs"],
+            imagenet["weight_decay"]) == (100, 256, 0.1, [30, 60, 90], 1e-4)
+    # the linear scaling rule is relative to the recipe's own batch
+    assert derive(tmp_path, "--dataset", "imagenet", "--batch_size", "512", "--lr_scale", "linear",
+                  model="resnet18")["learning_rate"] == pytest.approx(0.2)
+    assert derive(tmp_path, "--batch_size", "128", "--lr_scale", "linear")["learning_rate"] == pytest.approx(0.1)
+    # given flags win over the recipe
+    assert derive(tmp_path, "--dataset", "imagenet", "--epochs", "3", model="resnet18")["epochs"] == 3

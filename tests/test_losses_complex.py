@@ -9,6 +9,7 @@ trains, and that each adapter's gradient reaches the student side and its own pa
 from __future__ import annotations
 
 import io
+import dataclasses
 import math
 import types
 
@@ -62,7 +63,7 @@ LABELS = torch.arange(N_DATA) % CLASSES
 def _ctx(student: nn.Module, teacher: nn.Module, student_name: str = "resnet8", **over) -> MethodContext:
     cfg = dict(feat_dim=8, init_epochs=3, learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
                seed=7, mode="exact", nce_k=8, nce_t=0.07, nce_m=0.5, lambda_corr=2.0,
-               lambda_mutual=1.0, alpha_it=1.5)
+               lambda_mutual=1.0, alpha_it=1.5, nce_replace="auto")
     cfg.update(over)
     s_shapes, t_shapes = (feature_shapes(n, 8) for n in (student, teacher))
     s_pre, t_pre = (feature_shapes(n, 8, preact=True) for n in (student, teacher))
@@ -104,8 +105,8 @@ def _chi2_z(counts: torch.Tensor, expected: torch.Tensor, scale: float = 1.0) ->
     return ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
 
 
-def _draw_many(labels: torch.Tensor, k: int, mode: str, rounds: int) -> torch.Tensor:
-    sampler = ContrastSampler(labels, k, mode, torch.Generator().manual_seed(3))
+def _draw_many(labels: torch.Tensor, k: int, mode: str, rounds: int, always_replace: bool = False) -> torch.Tensor:
+    sampler = ContrastSampler(labels, k, mode, torch.Generator().manual_seed(3), always_replace)
     index = torch.arange(labels.numel())
     return torch.stack([sampler.draw(index) for _ in range(rounds)])  # [R, N, k+1]
 
@@ -162,6 +163,26 @@ def test_with_replacement_when_the_pool_is_smaller_than_k():
     neg = draws[:, :, 1:]
     assert not (labels[neg] == labels.view(1, -1, 1)).any()
     assert _pool_z(labels, draws, 7, replace=True) < 4.5
+
+
+def test_always_replace_is_uniform_with_replacement_over_the_pool():
+    """The ImageNet reference draws negatives with replacement whatever the pool size."""
+    labels = torch.tensor([0] * 10 + [1] * 12 + [2] * 8)
+    draws = _draw_many(labels, 6, "exact", rounds=600, always_replace=True)
+    neg = draws[:, :, 1:]
+    assert not (labels[neg] == labels.view(1, -1, 1)).any()
+    assert ((neg.sort(dim=2).values.diff(dim=2) == 0).any(dim=2)).any()  # repeats happen
+    assert _pool_z(labels, draws, 6, replace=True) < 4.5
+
+
+def test_crd_replaces_above_the_imagenet_scale_or_when_asked():
+    student, teacher = _nets()
+    for n_data, flag, expected in ((N_DATA, "auto", False), (N_DATA, "yes", True),
+                                   (300_000, "auto", True), (300_000, "no", False)):
+        ctx = _ctx(student, teacher, nce_replace=flag)
+        labels = torch.arange(n_data) % CLASSES
+        ctx = dataclasses.replace(ctx, n_data=n_data, train_labels=labels)
+        assert bool(CRDMethod(ctx).sampler.replace.all()) == expected, (n_data, flag)
 
 
 def test_mixed_pools_replace_only_where_needed():

@@ -130,7 +130,8 @@ def _other_value(action) -> list[str]:
     if default is None or isinstance(default, str):
         return [action.option_strings[0], {"learning_rate": "0.02", "beta": "0.7", "seed": "9",
                                            "alpha": "2", "dkd_beta": "3", "model_s": "resnet14",
-                                           "trial": "3"}[action.dest]]
+                                           "trial": "3", "batch_size": "32",
+                                           "weight_decay": "0.001"}[action.dest]]
     value = default * 2 if default else 1
     if action.dest == "nce_m":
         value = 0.3
