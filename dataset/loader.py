@@ -9,14 +9,20 @@ Randomness is a pure function of ``(seed, epoch)`` for the permutation and of
 ``(seed, rank, epoch)`` for the augmentation: each epoch reseeds two generators on the data's
 device. The loader state is therefore just the epoch counter, and a checkpoint written by
 rank 0 alone resumes every rank exactly.
+
+With ``report_views`` the training loader also yields each sample's view id (the crop
+offsets and flip it drew, encoded by :mod:`dataset.views`), so that per-view values computed
+once (the teacher-output cache) can be looked up instead of recomputed.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from dataset.views import decode_views, encode_views
 from errors import UserError
 
 Device = Union[str, torch.device, None]
@@ -133,6 +139,16 @@ def augment(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torc
     return _scale_shift(pixels, scale, shift, memory_format)
 
 
+def view_images(images: torch.Tensor, views: torch.Tensor, mean: Sequence[float],
+                std: Sequence[float], pad: int = 4,
+                memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """The normalised training views ``views [B]`` (ids of :mod:`dataset.views`) of the data
+    set ``images [N, C, H, W]`` uint8: ``[B, C, H, W]`` float32, the very pixels the training
+    loader yields for those views (same crop and normalisation code)."""
+    index, dx, dy, flip = decode_views(views.to(images.device), pad)
+    return augment(images.index_select(0, index), dx, dy, flip, mean, std, pad, memory_format)
+
+
 def draw_augmentation(batch_size: int, generator: torch.Generator, device: Device = None,
                       pad: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draws RandomCrop offsets and flips with the reference distribution.
@@ -156,7 +172,7 @@ def derive_seed(*parts: Union[int, str]) -> int:
 
 
 class DeviceLoader:
-    """Iterates ``(images, labels, index)`` batches of a device-resident data set.
+    """Iterates ``(images, labels, index[, views])`` batches of a device-resident data set.
 
     Training mode: every epoch draws one permutation of all N samples from a generator
     seeded by ``(seed, epoch)``, identical on every rank. With several ranks the permutation
@@ -180,12 +196,15 @@ class DeviceLoader:
         rank, world_size: this process's shard.
         pad: RandomCrop zero padding in pixels.
         memory_format: layout of the yielded images.
+        report_views: also yield each training sample's view id (``[B]`` int64, see
+            :mod:`dataset.views`); batches, order and randomness are unchanged.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  mean: Sequence[float], std: Sequence[float], train: bool, seed: int,
                  drop_last: bool = False, rank: int = 0, world_size: int = 1, pad: int = 4,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+                 memory_format: torch.memory_format = torch.contiguous_format,
+                 report_views: bool = False) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] == 0:
             raise ValueError(f"images must be uint8 [N, C, H, W] with N > 0, got "
                              f"{images.dtype} {tuple(images.shape)}")
@@ -193,19 +212,32 @@ class DeviceLoader:
             raise ValueError(f"labels must be [{images.shape[0]}], got {tuple(labels.shape)}")
         if batch_size < 1 or pad < 0 or not 0 <= rank < world_size:
             raise ValueError("need batch_size >= 1, pad >= 0 and 0 <= rank < world_size")
+        if report_views and not train:
+            raise ValueError("report_views needs a training loader: test batches are not augmented")
         _check_memory_format(memory_format)
         self.device = images.device
         self.images = images
         self.labels = labels.to(device=self.device, dtype=torch.int64)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.drop_last, self.rank, self.world_size, self.pad = drop_last, rank, world_size, pad
-        self.memory_format = memory_format
+        self.memory_format, self.report_views = memory_format, report_views
         self.epoch = 0  # epochs started so far; the next epoch's randomness depends on it
         self._scale, self._shift = _norm_constants(mean, std, images.shape[1:], self.device,
                                                    memory_format)
         self._source = _CropSource(images, pad) if train else None  # built once
         self._perm_gen = torch.Generator(device=self.device)
         self._aug_gen = torch.Generator(device=self.device)
+
+    def reporting_views(self) -> "DeviceLoader":
+        """This loader (same data, seed, shard and position, sharing its tensors) yielding
+        ``(images, labels, index, views)``; a training loader only."""
+        if not self.train:
+            raise ValueError("report_views needs a training loader: test batches are not augmented")
+        twin = copy.copy(self)
+        twin.report_views = True
+        twin._perm_gen = torch.Generator(device=self.device)  # reseeded every epoch anyway
+        twin._aug_gen = torch.Generator(device=self.device)
+        return twin
 
     @property
     def num_samples(self) -> int:
@@ -243,23 +275,26 @@ class DeviceLoader:
             perm = torch.cat([perm, perm[: total - n]])
         return perm[self.rank::ws]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yields ``(images [B, C, H, W] float32, labels [B] int64, index [B] int64)``.
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yields ``(images [B, C, H, W] float32, labels [B] int64, index [B] int64)``, and
+        ``views [B] int64`` last with ``report_views``.
 
-        All three are on the images' device; ``index`` gives each sample's row in
-        ``images``. Nothing here synchronises with the device.
+        All are on the images' device; ``index`` gives each sample's row in ``images``.
+        Nothing here synchronises with the device.
         """
         epoch, self.epoch = self.epoch, self.epoch + 1
         order = self._order(epoch)
-        starts = None
+        starts = views = None
         if self._source is not None:
             self._aug_gen.manual_seed(derive_seed(self.seed, "augment", self.rank, epoch))
             dx, dy, flip = draw_augmentation(len(order), self._aug_gen, self.device, self.pad)
             starts = self._source.starts(order, dx, dy, flip)  # whole epoch, one pass
-        return self._batches(order, starts)
+            if self.report_views:
+                views = encode_views(order, dx, dy, flip, self.pad)
+        return self._batches(order, starts, views)
 
-    def _batches(self, order: torch.Tensor, starts: Optional[torch.Tensor]
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _batches(self, order: torch.Tensor, starts: Optional[torch.Tensor],
+                 views: Optional[torch.Tensor]) -> Iterator[tuple[torch.Tensor, ...]]:
         size = self.batch_size
         for begin in range(0, len(self) * size, size):
             index = order[begin:begin + size]
@@ -268,4 +303,5 @@ class DeviceLoader:
             else:
                 pixels = self._source.crop(starts[begin:begin + size])
             images = _scale_shift(pixels, self._scale, self._shift, self.memory_format)
-            yield images, self.labels.index_select(0, index), index
+            batch = (images, self.labels.index_select(0, index), index)
+            yield batch if views is None else (*batch, views[begin:begin + size])

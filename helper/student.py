@@ -12,15 +12,15 @@ import hashlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 import models
-from distiller_zoo import METHODS, Distiller
+from distiller_zoo import METHODS, Distiller, Outputs
 from errors import UserError
-from helper import distributed, resume
+from helper import distributed, resume, teacher_cache
 from helper.checkpoint import load_checkpoint
 from helper.config import (Config, OneLineParser, add_common_arguments, derive_common, given_flags,
                            option_names, parse_with)
@@ -60,6 +60,10 @@ def build_parser() -> OneLineParser:
     group.add_argument("-a", "--alpha", type=float, default=None, help="weight of --add (unset: 0)")
     group.add_argument("-b", "--beta", type=float, default=None,
                        help="weight of --distill (unset: the method's usual weight)")
+    group.add_argument("--teacher_cache", default="auto", choices=teacher_cache.MODES,
+                       help="logit-only methods: look the teacher's logits up in the exact cache "
+                            "under <save_root>/cache/ instead of running it. auto: when a valid "
+                            "cache exists; build: build it first if needed; off: never")
     METHODS.add_arguments(parser)
     add_common_arguments(parser)
     return parser
@@ -241,7 +245,7 @@ def build_method(name: str, ctx) -> nn.Module:
 def build_objective(cfg: Config, env: distributed.DistEnv, data, teacher: nn.Module) -> DistillObjective:
     """The student (``cfg.model_s``) and its methods, on ``env.device``."""
     student = models.create_model(cfg.model_s, data.num_classes).to(env.device)
-    ctx = method_context(cfg, student, teacher, cfg.model_s, cfg.model_t, data.train_labels,
+    ctx = method_context(cfg, student, teacher, cfg.model_s, cfg.model_t, data.train_labels.to(env.device),
                          data.num_classes, env.device, data.image_size)
     main = build_method(cfg.distill, ctx).to(env.device)
     add = build_method(cfg.add, ctx).to(env.device) if cfg.add and cfg.alpha else None
@@ -254,7 +258,8 @@ class Step:
 
     Attributes:
         student: the plain student (evaluated and checkpointed).
-        teacher: the frozen teacher callable (compiled with ``--compile``).
+        teacher: the frozen teacher callable (compiled with ``--compile``), or the cached
+            teacher that looks its logits up by view id.
         optimizer: SGD over the student's and the methods' trainable parameters.
         trainable: the module the loop calls: the objective, its student compiled when asked,
             DDP-wrapped on several ranks (the teacher stays outside DDP).
@@ -263,7 +268,7 @@ class Step:
     """
 
     student: nn.Module
-    teacher: FrozenTeacher
+    teacher: Callable[..., Outputs]
     optimizer: torch.optim.Optimizer
     trainable: nn.Module
     run: TrainStep | GraphedStep
@@ -271,17 +276,21 @@ class Step:
 
 
 def assemble_step(cfg: Config, env: distributed.DistEnv, objective: DistillObjective,
-                  teacher: nn.Module, fmt: torch.memory_format) -> Step:
-    """The parts of one training step (``scripts/benchmark.py`` times exactly these)."""
+                  teacher: nn.Module, fmt: torch.memory_format,
+                  cached: Optional[teacher_cache.CachedTeacher] = None) -> Step:
+    """The parts of one training step (``scripts/benchmark.py`` times exactly these); the
+    step's teacher is ``cached`` when given, else the live frozen ``teacher``."""
     teacher.to(memory_format=fmt)
     distributed.convert_sync_bn(objective, cfg.sync_bn, env)
     objective.student.to(memory_format=fmt)
     objective.freeze_untrained()  # before DDP: it registers what requires grad
     optimizer = torch.optim.SGD(objective.trainable_parameters(), lr=cfg.learning_rate,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    graphed, mode = graph_plan(cfg.cuda_graphs, env.device, env.world_size, cfg.compile, objective)
-    frozen = FrozenTeacher(maybe_compile(teacher, cfg.compile, cfg.compile_mode), objective.feature_kind,
-                           lambda: autocast(env.device, cfg.precision, cache=not graphed))
+    graphed, mode = graph_plan(cfg.cuda_graphs, env.device, env.world_size, cfg.compile, objective,
+                               *([cached] if cached is not None else []))
+    frozen = cached if cached is not None else FrozenTeacher(
+        maybe_compile(teacher, cfg.compile, cfg.compile_mode), objective.feature_kind,
+        lambda: autocast(env.device, cfg.precision, cache=not graphed))
     student = objective.student
     objective.student = maybe_compile(student, cfg.compile, cfg.compile_mode)
     trainable = distributed.wrap(objective, env)
@@ -317,16 +326,22 @@ def train(argv: Optional[Sequence[str]] = None) -> str:
     formula = describe_objective(cfg.gamma, cfg.alpha, cfg.beta, cfg.distill,
                                  cfg.add if objective.use_add else None,
                                  getattr(objective.main, "main_is_zero", False))
+    cache_plan = teacher_cache.plan(cfg, env, data, objective.feature_kind)
     train_loader, test_loader = make_loaders(cfg, env, data, fmt)
+    if cache_plan.use:
+        train_loader = train_loader.reporting_views()
     teacher.to(memory_format=fmt)
-    teacher_acc = evaluate(teacher, test_loader, cfg.precision, fmt)
-    open_run_dir(cfg, env, run_dir, {"objective": formula, "teacher_test_acc": teacher_acc["acc1"]})
+    teacher_acc = evaluate(teacher, test_loader, cfg.precision, fmt, env)
+    open_run_dir(cfg, env, run_dir, {"objective": formula, "teacher_test_acc": teacher_acc["acc1"],
+                                     "teacher_cache_use": cache_plan.record()})
     if env.is_main:
         print(f"teacher {cfg.model_t} ({cfg.path_t}): test acc {teacher_acc['acc1']:.2f}", flush=True)
         print(f"student {cfg.model_s} on {cfg.dataset}, {env.device}, seed {cfg.seed}: {formula}", flush=True)
         print(f"run folder {run_dir}", flush=True)
+        print(cache_plan.header_line(), flush=True)
         warn_if_plain_training(cfg, objective)
-    step = assemble_step(cfg, env, objective, teacher, fmt)
+    cached = teacher_cache.teacher_for_run(cache_plan, env, data, teacher, fmt)
+    step = assemble_step(cfg, env, objective, teacher, fmt, cached)
     report_step_mode(cfg, env, step.mode)
     progress = restore(cfg, env, run_dir, cfg.model_s, step.student, step.optimizer, train_loader,
                        objective.load_task_state)
