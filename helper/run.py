@@ -1,9 +1,11 @@
 """What both entry scripts do around the loop: seeds, data, run folder, resume."""
 from __future__ import annotations
 
+import contextlib
+
 import os
 import random
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -97,6 +99,17 @@ def close_loaders(*loaders: Any) -> None:
         close = getattr(loader, "close", None)
         if close is not None:
             close()
+
+
+@contextlib.contextmanager
+def closed_on_failure(*loaders: Any) -> Iterator[None]:
+    """Closes the loaders if the block fails (set-up between building the loaders and the
+    first epoch: a refused run folder, a bad resume file), then lets the error through."""
+    try:
+        yield
+    except BaseException:
+        close_loaders(*loaders)
+        raise
 
 
 def open_run_dir(cfg: Config, env: DistEnv, run_dir: str, extra: Optional[dict[str, Any]] = None) -> None:

@@ -29,8 +29,8 @@ from helper.distill import (DistillObjective, FrozenTeacher, build_teacher, desc
 from helper.evaluate import evaluate
 from helper.init_stage import run_init_stage
 from helper.loop import Trainer
-from helper.run import (check_data_fits, load_data, make_loaders, make_logbook, open_run_dir, restore,
-                        seed_everything, train_and_report)
+from helper.run import (check_data_fits, closed_on_failure, load_data, make_loaders, make_logbook,
+                        open_run_dir, restore, seed_everything, train_and_report)
 from helper.graph_step import GraphedStep, graph_plan, report_step_mode
 from helper.speed import autocast, maybe_compile, memory_format
 from helper.step import TrainStep
@@ -328,30 +328,31 @@ def train(argv: Optional[Sequence[str]] = None) -> str:
                                  getattr(objective.main, "main_is_zero", False))
     cache_plan = teacher_cache.plan(cfg, env, data, objective.feature_kind)
     train_loader, test_loader = make_loaders(cfg, env, data, fmt)
-    if cache_plan.use:
-        train_loader = train_loader.reporting_views()
-    teacher.to(memory_format=fmt)
-    teacher_acc = evaluate(teacher, test_loader, cfg.precision, fmt, env)
-    open_run_dir(cfg, env, run_dir, {"objective": formula, "teacher_test_acc": teacher_acc["acc1"],
-                                     "teacher_cache_use": cache_plan.record()})
-    if env.is_main:
-        print(f"teacher {cfg.model_t} ({cfg.path_t}): test acc {teacher_acc['acc1']:.2f}", flush=True)
-        print(f"student {cfg.model_s} on {cfg.dataset}, {env.device}, seed {cfg.seed}: {formula}", flush=True)
-        print(f"run folder {run_dir}", flush=True)
-        print(cache_plan.header_line(), flush=True)
-        warn_if_plain_training(cfg, objective)
-    cached = teacher_cache.teacher_for_run(cache_plan, env, data, teacher, fmt)
-    step = assemble_step(cfg, env, objective, teacher, fmt, cached)
-    report_step_mode(cfg, env, step.mode)
-    progress = restore(cfg, env, run_dir, cfg.model_s, step.student, step.optimizer, train_loader,
-                       objective.load_task_state)
-    fresh = progress.epoch == 0 and not os.path.exists(os.path.join(run_dir, "resume.pth"))
-    text_log = os.path.join(cfg.save_root, "student_log", run_name + ".txt")
-    trainer = Trainer(cfg, env, step.trainable, step.student, cfg.model_s, step.optimizer,
-                      train_loader, test_loader, run_dir, make_logbook(env, run_dir, progress, text_log),
-                      teacher=step.teacher, task_state=objective.task_state, memory_format=fmt,
-                      step=step.run)
-    if fresh:
-        run_init_stage(objective.main.init_stage(), step.student, teacher, trainer)
-        objective.freeze_untrained()  # what only the initialisation stage trains is frozen again
-    return train_and_report(trainer, progress)
+    with closed_on_failure(train_loader, test_loader):
+        if cache_plan.use:
+            train_loader = train_loader.reporting_views()
+        teacher.to(memory_format=fmt)
+        teacher_acc = evaluate(teacher, test_loader, cfg.precision, fmt, env)
+        open_run_dir(cfg, env, run_dir, {"objective": formula, "teacher_test_acc": teacher_acc["acc1"],
+                                         "teacher_cache_use": cache_plan.record()})
+        if env.is_main:
+            print(f"teacher {cfg.model_t} ({cfg.path_t}): test acc {teacher_acc['acc1']:.2f}", flush=True)
+            print(f"student {cfg.model_s} on {cfg.dataset}, {env.device}, seed {cfg.seed}: {formula}", flush=True)
+            print(f"run folder {run_dir}", flush=True)
+            print(cache_plan.header_line(), flush=True)
+            warn_if_plain_training(cfg, objective)
+        cached = teacher_cache.teacher_for_run(cache_plan, env, data, teacher, fmt)
+        step = assemble_step(cfg, env, objective, teacher, fmt, cached)
+        report_step_mode(cfg, env, step.mode)
+        progress = restore(cfg, env, run_dir, cfg.model_s, step.student, step.optimizer, train_loader,
+                           objective.load_task_state)
+        fresh = progress.epoch == 0 and not os.path.exists(os.path.join(run_dir, "resume.pth"))
+        text_log = os.path.join(cfg.save_root, "student_log", run_name + ".txt")
+        trainer = Trainer(cfg, env, step.trainable, step.student, cfg.model_s, step.optimizer,
+                          train_loader, test_loader, run_dir, make_logbook(env, run_dir, progress, text_log),
+                          teacher=step.teacher, task_state=objective.task_state, memory_format=fmt,
+                          step=step.run)
+        if fresh:
+            run_init_stage(objective.main.init_stage(), step.student, teacher, trainer)
+            objective.freeze_untrained()  # what only the initialisation stage trains is frozen again
+        return train_and_report(trainer, progress)

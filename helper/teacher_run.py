@@ -18,8 +18,8 @@ from helper import distributed, resume
 from helper.config import (Config, OneLineParser, add_common_arguments, derive_common, given_flags,
                            option_names, parse_with)
 from helper.loop import Trainer
-from helper.run import (check_data_fits, load_data, make_loaders, make_logbook, open_run_dir, restore,
-                        seed_everything, train_and_report)
+from helper.run import (check_data_fits, closed_on_failure, load_data, make_loaders, make_logbook,
+                        open_run_dir, restore, seed_everything, train_and_report)
 from helper.graph_step import GraphedStep, graph_plan, report_step_mode
 from helper.speed import maybe_compile, memory_format
 from helper.step import TrainStep
@@ -91,15 +91,16 @@ def train(argv: Optional[Sequence[str]] = None) -> str:
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     train_loader, test_loader = make_loaders(cfg, env, data, fmt)
-    if env.is_main:
-        print(f"training {cfg.model} on {cfg.dataset} ({data.train_labels.numel()} images) on {env.device}, "
-              f"lr {cfg.learning_rate}, seed {cfg.seed}, run folder {run_dir}", flush=True)
-    progress = restore(cfg, env, run_dir, cfg.model, model, optimizer, train_loader)
-    graphed, mode = graph_plan(cfg.cuda_graphs, env.device, env.world_size, cfg.compile, objective)
-    report_step_mode(cfg, env, mode)
-    trainable = distributed.wrap(objective, env)
-    eager = TrainStep(trainable, None, optimizer, cfg.precision, fmt, cache_casts=not graphed)
-    trainer = Trainer(cfg, env, trainable, model, cfg.model, optimizer,
-                      train_loader, test_loader, run_dir, make_logbook(env, run_dir, progress),
-                      memory_format=fmt, step=GraphedStep(eager, objective) if graphed else eager)
-    return train_and_report(trainer, progress)
+    with closed_on_failure(train_loader, test_loader):
+        if env.is_main:
+            print(f"training {cfg.model} on {cfg.dataset} ({data.train_labels.numel()} images) on {env.device}, "
+                  f"lr {cfg.learning_rate}, seed {cfg.seed}, run folder {run_dir}", flush=True)
+        progress = restore(cfg, env, run_dir, cfg.model, model, optimizer, train_loader)
+        graphed, mode = graph_plan(cfg.cuda_graphs, env.device, env.world_size, cfg.compile, objective)
+        report_step_mode(cfg, env, mode)
+        trainable = distributed.wrap(objective, env)
+        eager = TrainStep(trainable, None, optimizer, cfg.precision, fmt, cache_casts=not graphed)
+        trainer = Trainer(cfg, env, trainable, model, cfg.model, optimizer,
+                          train_loader, test_loader, run_dir, make_logbook(env, run_dir, progress),
+                          memory_format=fmt, step=GraphedStep(eager, objective) if graphed else eager)
+        return train_and_report(trainer, progress)
