@@ -63,12 +63,14 @@ def graph_plan(mode: str, device: torch.device, world_size: int, compiled: bool,
 
 
 def report_step_mode(cfg: Any, env: Any, mode: str) -> None:
-    """Prints how the step runs (rank 0); with ``--cuda_graphs on`` an eager step also warns."""
+    """Prints how the step runs (rank 0). Where graphs are the default (CUDA) or asked for
+    (``--cuda_graphs on``), an eager step also warns once, saying why."""
     if not env.is_main:
         return
     print(f"training step: {mode}", flush=True)
-    if cfg.cuda_graphs == "on" and not mode.startswith("CUDA graph"):
-        warnings.warn(f"--cuda_graphs on, but the step runs {mode}")
+    expected = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and env.device.type == "cuda")
+    if expected and not mode.startswith("CUDA graph"):
+        warnings.warn(f"the training step runs {mode}")
 
 
 class StateSnapshot:

@@ -156,3 +156,20 @@ def test_graph_plan_says_why_a_step_stays_eager():
     for args, reason in cases:
         on, mode = graph_plan(*args)
         assert not on and mode.startswith("eager") and reason in mode, mode
+
+
+def test_the_step_mode_is_reported_and_an_unexpected_eager_step_warns(capsys):
+    from helper.graph_step import report_step_mode
+
+    cpu = types.SimpleNamespace(is_main=True, device=torch.device("cpu"))
+    cuda = types.SimpleNamespace(is_main=True, device=torch.device("cuda", 0))
+    eager = "eager (not replayable from a graph: --distill/--add crd)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report_step_mode(types.SimpleNamespace(cuda_graphs="auto"), cpu, "eager (CUDA graphs need a CUDA device)")
+        report_step_mode(types.SimpleNamespace(cuda_graphs="off"), cuda, "eager (--cuda_graphs off)")
+        assert not caught  # the CPU is eager by design; off is what was asked
+        report_step_mode(types.SimpleNamespace(cuda_graphs="auto"), cuda, eager)
+        report_step_mode(types.SimpleNamespace(cuda_graphs="on"), cpu, "eager (CUDA graphs need a CUDA device)")
+    assert len(caught) == 2 and "crd" in str(caught[0].message)
+    assert capsys.readouterr().out.count("training step: ") == 4
