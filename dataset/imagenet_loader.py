@@ -27,8 +27,7 @@ from dataset.imagenet_batches import BatchRequest, ImageBatches, Skipped, finish
 from dataset.imagenet_decode import BatchDecoder, nvjpeg_available
 from dataset.imagenet_transforms import (IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZE,
                                          draw_uniforms, flip_normalize)
-from dataset.loader import derive_seed
-from errors import UserError
+from dataset.sharding import EpochState, epoch_order, shard_size
 
 DECODE_MODES = ("auto", "workers", "device")
 
@@ -74,7 +73,7 @@ class _Requests(Sampler):
             yield BatchRequest(index, uniforms)
 
 
-class ImageFolderLoader:
+class ImageFolderLoader(EpochState):
     """Iterates ``(images, labels, index)`` batches of one split, streamed from disk.
 
     Args:
@@ -127,9 +126,7 @@ class ImageFolderLoader:
     def num_samples(self) -> int:
         """Samples this rank yields per epoch (including repeats that pad the last shard),
         before any undecodable file is left out."""
-        if self.train:
-            return -(-self.n // self.world_size)
-        return len(range(self.rank, self.n, self.world_size))
+        return shard_size(self.n, self.rank, self.world_size, self.train)
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -143,27 +140,10 @@ class ImageFolderLoader:
     def num_skipped(self) -> int:
         return len(self._skipped)
 
-    def state_dict(self) -> dict[str, int]:
-        """Plain ints (safe for ``torch.load(weights_only=True)``), at epoch granularity."""
-        return {"epoch": self.epoch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restores :meth:`state_dict`; the next epoch then matches the uninterrupted run."""
-        if int(state["seed"]) != self.seed:
-            raise UserError(f"the run being resumed used --seed {state['seed']}, this one "
-                            f"uses --seed {self.seed}; resume with the same seed.")
-        self.epoch = int(state["epoch"])
-
     def order(self, epoch: int) -> torch.Tensor:
         """``[num_samples]`` int64 sample indices of this rank for ``epoch``, CPU."""
-        if not self.train:
-            return torch.arange(self.rank, self.n, self.world_size)
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "perm", epoch))
-        perm = torch.randperm(self.n, generator=generator)
-        total = self.num_samples * self.world_size
-        if total > self.n:
-            perm = torch.cat([perm, perm[: total - self.n]])
-        return perm[self.rank::self.world_size]
+        return epoch_order(self.n, self.seed, epoch, self.rank, self.world_size, self.train,
+                           torch.Generator())
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yields ``(images [B, 3, S, S] float32, labels [B] int64, index [B] int64)``.

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from dataset.loader import derive_seed, normalize
+from dataset.loader import normalize
+from dataset.sharding import derive_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -17,13 +17,12 @@ once (the teacher-output cache) can be looked up instead of recomputed.
 from __future__ import annotations
 
 import copy
-import hashlib
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from dataset.sharding import EpochState, derive_seed, epoch_order, shard_size
 from dataset.views import decode_views, encode_views
-from errors import UserError
 
 Device = Union[str, torch.device, None]
 
@@ -165,13 +164,7 @@ def draw_augmentation(batch_size: int, generator: torch.Generator, device: Devic
     return dx, dy, flip
 
 
-def derive_seed(*parts: Union[int, str]) -> int:
-    """A 63-bit seed that depends on every part (no collisions like seed + epoch)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-class DeviceLoader:
+class DeviceLoader(EpochState):
     """Iterates ``(images, labels, index[, views])`` batches of a device-resident data set.
 
     Training mode: every epoch draws one permutation of all N samples from a generator
@@ -242,38 +235,17 @@ class DeviceLoader:
     @property
     def num_samples(self) -> int:
         """Samples this rank yields per epoch (including repeats that pad the last shard)."""
-        n, ws = self.images.shape[0], self.world_size
-        if self.train:
-            return -(-n // ws)
-        return len(range(self.rank, n, ws))
+        return shard_size(self.images.shape[0], self.rank, self.world_size, self.train)
 
     def __len__(self) -> int:
         if self.drop_last:
             return self.num_samples // self.batch_size
         return -(-self.num_samples // self.batch_size)
 
-    def state_dict(self) -> dict[str, int]:
-        """Plain ints (safe for ``torch.load(weights_only=True)``), at epoch granularity."""
-        return {"epoch": self.epoch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restores :meth:`state_dict`; the next epoch then matches the uninterrupted run."""
-        if int(state["seed"]) != self.seed:
-            raise UserError(f"the run being resumed used --seed {state['seed']}, this one "
-                            f"uses --seed {self.seed}; resume with the same seed.")
-        self.epoch = int(state["epoch"])
-
     def _order(self, epoch: int) -> torch.Tensor:
         """``[num_samples]`` int64 sample indices of this rank for ``epoch``."""
-        n, ws = self.images.shape[0], self.world_size
-        if not self.train:
-            return torch.arange(self.rank, n, ws, device=self.device)
-        self._perm_gen.manual_seed(derive_seed(self.seed, "perm", epoch))
-        perm = torch.randperm(n, generator=self._perm_gen, device=self.device)
-        total = self.num_samples * ws
-        if total > n:
-            perm = torch.cat([perm, perm[: total - n]])
-        return perm[self.rank::ws]
+        return epoch_order(self.images.shape[0], self.seed, epoch, self.rank, self.world_size,
+                           self.train, self._perm_gen)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         """Yields ``(images [B, C, H, W] float32, labels [B] int64, index [B] int64)``, and

@@ -56,12 +56,7 @@ class RerunGraphs:
         return contextlib.nullcontext()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(method: str, *extra: str):

@@ -31,12 +31,7 @@ STUDENT = "mobilenet_v1"
 BARE_NAME = "resnet18-f37072fd.pth"  # torchvision's file name: a bare state dict
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster and repeatable
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -44,12 +44,7 @@ CPU = torch.device("cpu")
 ENV = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=CPU)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(tmp_path, name: str, student: str, *extra: str):
