@@ -1,8 +1,9 @@
 """The table runner's local mode: trials on a pool of GPU/CPU slots, with progress.
 
 ``scripts/reproduce.py`` plans the trials; :class:`LocalRun` runs them here, one
-``train_student.py`` process per slot, and prints a line when each starts and ends and,
-every ``--progress_s`` seconds, each running trial's epoch, accuracy and ETA.
+``train_student.py`` run per slot (torchrun's processes for a run on several GPUs), and
+prints a line when each starts and ends and, every ``--progress_s`` seconds, each running
+trial's epoch, accuracy and ETA.
 """
 from __future__ import annotations
 
@@ -17,24 +18,12 @@ from dataclasses import dataclass
 from typing import IO, Optional, Sequence
 
 from helper import trial_progress as tp
-from helper.gpu_slots import slot_launch, slot_name
-from helper.recipes import Cell
+from helper.gpu_slots import Slot, slot_launch, slot_name
 from helper.trial_lock import LOG, acquire, outcome, release
+from helper.trial_plan import Trial
 
 POLL_S = 0.2  # how often the runner polls its processes (no file reads)
 STOP_GRACE_S = 30  # how long interrupted runs get to end before they are killed
-
-
-@dataclass
-class Trial:
-    """One run of one cell: where it lives, how it is run, what state it is in."""
-
-    cell: Cell
-    run_name: str
-    run_dir: str
-    cmd: list[str]
-    state: str  # new | resume | finished | running
-    holder: str = ""
 
 
 def report(i: int, n: int, trial: Trial, result: dict) -> bool:
@@ -62,7 +51,7 @@ class Running:
     """A trial this runner started: its process, log, slot, and where it began."""
 
     trial: Trial
-    slot: Optional[int]
+    slot: Slot
     proc: subprocess.Popen
     log: IO[str]
     started_s: float
@@ -70,7 +59,7 @@ class Running:
 
 
 class LocalRun:
-    """Runs trials on a pool of slots, one ``train_student.py`` process per slot.
+    """Runs trials on a pool of slots, one ``train_student.py`` run per slot.
 
     Everything happens in the calling thread: start trials on free slots, poll the
     processes, report each that ends, and print progress every ``progress_s`` seconds. Any
@@ -82,17 +71,17 @@ class LocalRun:
         trials: the trials to run, in order.
         slots: one entry per concurrent run (see :func:`helper.gpu_slots.gpu_slots`).
         progress_s: seconds between progress prints (0: none).
-        epochs: the planned epochs of a run whose ``config.json`` does not say yet.
+        threads: CPU threads per process (None: as the environment says).
     """
 
-    def __init__(self, trials: Sequence[Trial], slots: Sequence[Optional[int]], progress_s: float,
-                 epochs: int) -> None:
+    def __init__(self, trials: Sequence[Trial], slots: Sequence[Slot], progress_s: float,
+                 threads: Optional[int] = None) -> None:
         self.pending = collections.deque(trials)
         self.free = list(slots)
         self.slots = len(slots)
         self.running: list[Running] = []
         self.progress_s = progress_s
-        self.epochs = epochs
+        self.threads = threads
         self.token = uuid.uuid4().hex
         self.total, self.done, self.ok = len(trials), 0, True
         self.past_s_per_epoch: list[float] = []  # of the trials that ended, for the ETAs
@@ -123,7 +112,7 @@ class LocalRun:
                 self.free.insert(0, slot)
                 self._finish(trial, {"ok": True, "skipped": f"running elsewhere ({holder})"})
                 continue
-            flags, env = slot_launch(slot, os.environ)
+            flags, env = slot_launch(slot, os.environ, self.threads)
             cmd = trial.cmd + flags
             log = open(os.path.join(trial.run_dir, LOG), "a")
             log.write(f"\n$ {shlex.join(cmd)}\n")
@@ -156,9 +145,9 @@ class LocalRun:
 
     def _print_progress(self) -> None:
         now = time.time()
-        statuses = [tp.read_status(r.trial.run_dir, r.started_s, r.start_epoch, self.epochs, now)
+        statuses = [tp.read_status(r.trial.run_dir, r.started_s, r.start_epoch, r.trial.epochs, now)
                     for r in self.running]
-        queued = [max(self.epochs - self.head_start.get(t.run_dir, 0), 0) for t in self.pending]
+        queued = [max(t.epochs - self.head_start.get(t.run_dir, 0), 0) for t in self.pending]
         mean_rate = tp.mean_s_per_epoch(statuses, self.past_s_per_epoch)
         eta = tp.plan_eta(statuses, queued, self.slots, self.past_s_per_epoch)
         print(f"progress: {len(self.running)} running, {len(self.pending)} queued, {self.done}/{self.total} "

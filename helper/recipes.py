@@ -1,9 +1,11 @@
-"""The paper's CIFAR-100 table cells as data, and each cell as a ``train_student.py`` command.
+"""The paper's table cells as data, and each cell as a ``train_student.py`` command.
 
-``scripts/recipes.json`` holds every cell of the two tables of the official README (Table 1:
-same-architecture pairs, Table 2: different-architecture pairs): teacher, student, method,
-the paper's accuracy and run count, and each hyperparameter with its source. This module
-reads it into :class:`Cell` objects and turns each runnable cell into flags.
+``scripts/recipes.json`` holds every cell of the two CIFAR-100 tables of the official README
+(Table 1: same-architecture pairs, Table 2: different-architecture pairs): teacher, student,
+method, the paper's accuracy and run count, and each hyperparameter with its source. This
+module reads it into :class:`Cell` objects and turns each runnable cell into flags. The
+ImageNet table (``scripts/recipes_imagenet.json``) is read by :mod:`helper.recipes_imagenet`;
+:func:`all_cells` returns the three tables together.
 
 Where the paper is silent we fill the gap and say so in :attr:`Cell.note` (the report marks
 those cells; ``docs/REPRODUCE.md`` explains each choice):
@@ -17,20 +19,40 @@ those cells; ``docs/REPRODUCE.md`` explains each choice):
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from errors import UserError
 
 RECIPES_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "scripts", "recipes.json")
-TABLES = {1: "same-architecture pairs", 2: "different-architecture pairs"}
+TableKey = Union[int, str]
+IMAGENET = "imagenet"
+TABLES: dict[TableKey, str] = {1: "same-architecture pairs", 2: "different-architecture pairs",
+                               IMAGENET: "ImageNet (ILSVRC-2012)"}
+DEFAULT_TABLES = (1, 2)  # what runs when neither --table nor --pair says otherwise
 WTTM_NO_CE = "WTTM w/o CE"
 TEACHER_FILE = os.path.join("{arch}_vanilla", "ckpt_epoch_240.pth")
+
+
+def table_key(text: str) -> TableKey:
+    """``--table`` as typed → the table's key: ``"1"`` → 1, ``"ImageNet"`` → ``"imagenet"``."""
+    key = text.strip().lower()
+    if key in ("1", "2"):
+        return int(key)
+    if key == IMAGENET:
+        return IMAGENET
+    raise argparse.ArgumentTypeError(f"unknown table {text!r}; choose 1, 2 or imagenet")
+
+
+def table_dir(table: TableKey) -> str:
+    """The folder of a table's runs: ``table1``, ``table2``, ``imagenet``."""
+    return f"table{table}" if isinstance(table, int) else str(table)
 
 
 
@@ -77,7 +99,7 @@ class Cell:
     """One cell of a paper table: a method on a teacher→student pair.
 
     Attributes:
-        table: 1 (same-architecture pairs) or 2 (different-architecture pairs).
+        table: 1 (same-architecture pairs), 2 (different-architecture pairs) or ``"imagenet"``.
         column: the pair's column in that table, 1-based.
         teacher, student: architecture names.
         method: the paper's row name (``"WTTM+CRD"``, ``"KD"``, ``"teacher"``, ...).
@@ -87,9 +109,10 @@ class Cell:
         hparams: resolved hyperparameters (recipe key → value); empty when not runnable.
         note: what we chose where the paper is silent; empty when nothing was chosen.
         default: whether the cell is run when no ``--method`` is given.
+        dataset: the data set the paper's value was measured on (``cifar100``, ``imagenet``).
     """
 
-    table: int
+    table: TableKey
     column: int
     teacher: str
     student: str
@@ -100,6 +123,7 @@ class Cell:
     hparams: tuple[tuple[str, Any], ...]
     note: str = ""
     default: bool = True
+    dataset: str = "cifar100"
 
     @property
     def runnable(self) -> bool:
@@ -111,8 +135,9 @@ class Cell:
 
     @property
     def cell_dir(self) -> str:
-        """``table1/resnet32x4-resnet8x4/WTTM_plus_CRD``: where the cell's trials live."""
-        return f"table{self.table}/{self.teacher}-{self.student}/{method_slug(self.method)}"
+        """``table1/resnet32x4-resnet8x4/WTTM_plus_CRD`` (``imagenet/resnet34-resnet18/KD``):
+        where the cell's trials live."""
+        return f"{table_dir(self.table)}/{self.teacher}-{self.student}/{method_slug(self.method)}"
 
     def run_name(self, trial: int) -> str:
         return f"{self.cell_dir}/trial_{trial}"
@@ -120,7 +145,8 @@ class Cell:
     def flags(self) -> list[str]:
         """The method's ``train_student.py`` flags (no teacher, student, trial or paths)."""
         if not self.runnable:
-            raise UserError(f"{self.method} on {self.pair} is not a training run")
+            raise UserError(f"{self.method} on {self.pair} is not a training run" +
+                            (f" ({self.note})" if self.note else ""))
         values = dict(self.hparams)
         if not values.get("a"):
             values.pop("add", None)  # an -a 0 extra loss is no loss: leave --add out
@@ -147,8 +173,12 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def teacher_checkpoint(root: str, arch: str) -> str:
-    """Where a teacher lives: ``<root>/<arch>_vanilla/ckpt_epoch_240.pth``."""
+def teacher_checkpoint(root: str, arch: str, dataset: str = "cifar100") -> str:
+    """Where a teacher lives: ``<root>/<arch>_vanilla/ckpt_epoch_240.pth`` for CIFAR-100,
+    ``<root>/<arch>_imagenet/<torchvision's file name>`` for ImageNet."""
+    if dataset == IMAGENET:
+        from helper.teachers import imagenet_teacher_path  # imports torch: only when needed
+        return imagenet_teacher_path(root, arch)
     return os.path.join(root, TEACHER_FILE.format(arch=arch))
 
 
@@ -206,30 +236,39 @@ def load_cells(path: str = RECIPES_JSON) -> tuple[Cell, ...]:
     return tuple(cells)
 
 
+def all_cells() -> tuple[Cell, ...]:
+    """The cells of every table: CIFAR-100 Tables 1 and 2, then the ImageNet table."""
+    from helper.recipes_imagenet import load_imagenet_cells  # it builds on this module's Cell
+    return load_cells() + load_imagenet_cells()
+
+
 def method_names(cells: Iterable[Cell]) -> list[str]:
     """Distinct method names in first-seen (paper) order."""
     return list(dict.fromkeys(c.method for c in cells))
 
 
-def pairs_of(cells: Iterable[Cell]) -> list[tuple[int, str, str]]:
-    """Distinct ``(table, teacher, student)`` in column order."""
-    seen = sorted({(c.table, c.column, c.teacher, c.student) for c in cells})
-    return [(table, teacher, student) for table, _, teacher, student in seen]
+def pairs_of(cells: Iterable[Cell]) -> list[tuple[TableKey, str, str]]:
+    """Distinct ``(table, teacher, student)`` in table, then column order."""
+    order = list(TABLES)
+    seen = sorted({(order.index(c.table), c.column, c.table, c.teacher, c.student) for c in cells})
+    return [(table, teacher, student) for _, _, table, teacher, student in seen]
 
 
-def select(cells: Sequence[Cell], tables: Sequence[int] = (), pairs: Sequence[str] = (),
+def select(cells: Sequence[Cell], tables: Sequence[TableKey] = (), pairs: Sequence[str] = (),
            methods: Sequence[str] = ()) -> list[Cell]:
-    """The runnable cells matching the filters (an empty filter matches everything).
+    """The runnable cells matching the filters.
 
     Args:
-        tables: table numbers (1, 2).
-        pairs: ``"teacher:student"`` strings.
+        tables: table keys (1, 2, ``"imagenet"``); empty: every table when ``pairs`` names
+            some, else :data:`DEFAULT_TABLES` (the CIFAR-100 tables).
+        pairs: ``"teacher:student"`` strings (empty: every pair of the tables).
         methods: paper method names, case and punctuation insensitive (``wttm+crd``);
             without it, the tables' default methods (every distillation method).
 
     Raises:
         UserError: an unknown pair or method, or a row that is not a training run.
     """
+    tables = tables or (() if pairs else DEFAULT_TABLES)
     chosen = [c for c in cells if not tables or c.table in tables]
     if pairs:
         known = {c.pair for c in chosen}
@@ -250,4 +289,7 @@ def select(cells: Sequence[Cell], tables: Sequence[int] = (), pairs: Sequence[st
         raise UserError("the teacher row is not a distillation run: fetch the teachers "
                         "(scripts/fetch_pretrained_teachers.sh) or train them "
                         "(scripts/train_all_teachers.sh)")
+    quoted = [c for c in chosen if c.method in wanted and not c.runnable]
+    if quoted:
+        raise UserError(f"{quoted[0].method} on {quoted[0].pair} is {quoted[0].note}")
     return [c for c in chosen if c.method in wanted]

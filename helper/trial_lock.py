@@ -6,7 +6,9 @@ whose process has ended, or whose job ``squeue`` no longer lists, is stale and i
 
 Standard library only, and nothing from this repository: a SLURM job unpickles
 :func:`execute`, which ``reproduce.py`` registers to be pickled by value, so the job needs
-no import path to this repository.
+no import path to this repository. A job of several tasks (nodes × GPUs) runs one
+``train_student.py`` process per task; :func:`distributed_env` gives each the variables of
+torch's env:// rendezvous from submitit (which every SLURM job of the runner has).
 """
 from __future__ import annotations
 
@@ -120,18 +122,52 @@ def outcome(run_dir: str, code: int, seconds: float) -> dict:
     return result
 
 
-def execute(cmd: list[str], run_dir: str, env: dict, token: str) -> dict:
-    """Runs one trial under its lock, output appended to ``run_dir/reproduce.log`` (SLURM jobs)."""
+def distributed_env() -> dict:
+    """This SLURM task's rendezvous variables (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``), from submitit's view of the job.
+
+    Every task keeps every GPU of its node visible: rank r's ``--device auto`` is
+    ``cuda:<LOCAL_RANK>``.
+    """
+    from submitit.helpers import TorchDistributedEnvironment  # present in the runner's jobs
+    d = TorchDistributedEnvironment()
+    return {"MASTER_ADDR": str(d.master_addr), "MASTER_PORT": str(d.master_port), "RANK": str(d.rank),
+            "WORLD_SIZE": str(d.world_size), "LOCAL_RANK": str(d.local_rank),
+            "LOCAL_WORLD_SIZE": str(d.local_world_size)}
+
+
+def _run(cmd: list[str], env: dict, log_path: str) -> int:
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {shlex.join(cmd)}\n")
+        log.flush()
+        return subprocess.run(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def execute(cmd: list[str], run_dir: str, env: dict, token: str, distributed: bool = False) -> dict:
+    """Runs one trial under its lock, output appended to ``run_dir/reproduce.log`` (SLURM jobs).
+
+    With ``distributed``, this is one task of a multi-task job: rank 0 holds the lock and
+    writes ``reproduce.log``; the other ranks write ``reproduce.rank<r>.log`` and stand down
+    when someone else's live lock holds the trial (rank 0 does too).
+    """
+    rank = 0
+    if distributed:
+        env = {**env, **distributed_env()}
+        rank = int(env["RANK"])
+    if rank:
+        info = _read_lock(run_dir) or {}
+        if info.get("token") not in (None, token) and _alive(info):
+            return {"ok": True, "skipped": "running elsewhere", "rank": rank}
+        start = time.time()
+        code = _run(cmd, env, os.path.join(run_dir, f"reproduce.rank{rank}.log"))
+        return {"ok": code == 0, "returncode": code, "seconds": time.time() - start, "rank": rank}
     owner = acquire(run_dir, token)
     if owner:
         return {"ok": True, "skipped": f"running elsewhere ({owner})"}
     start = time.time()
     try:
-        with open(os.path.join(run_dir, LOG), "a") as log:
-            log.write(f"\n$ {shlex.join(cmd)}\n")
-            log.flush()
-            code = subprocess.run(cmd, env={**os.environ, **env}, stdout=log,
-                                  stderr=subprocess.STDOUT).returncode
+        code = _run(cmd, env, os.path.join(run_dir, LOG))
     finally:
         release(run_dir, token)
     return outcome(run_dir, code, time.time() - start)

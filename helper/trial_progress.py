@@ -16,8 +16,6 @@ import statistics
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-PAPER_EPOCHS = 240  # the recipe's length, train_student.py's default --epochs
-
 
 @dataclass(frozen=True)
 class TrialStatus:

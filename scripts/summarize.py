@@ -1,11 +1,14 @@
 """The report: our accuracies next to the paper's, in the paper's layout, and every other run.
 
     python scripts/summarize.py [--save_root save/reproduce] [--table 1] [--no_plots]
+    python scripts/summarize.py --table imagenet     # the ImageNet table
     python scripts/summarize.py --save_root save     # train_student.py's own runs
 
 Reads the run folders under ``<save_root>/student_model/``. The trial folders that
-``scripts/reproduce.py`` writes (``table<T>/<teacher>-<student>/<method>/trial_<k>``) fill,
-for each table, methods as rows and teacher→student pairs as columns; each cell gives the
+``scripts/reproduce.py`` writes (``table<T>/`` or ``imagenet/``, then
+``<teacher>-<student>/<method>/trial_<k>``) fill, for each table, methods as rows and
+teacher→student pairs as columns (rows this project cannot run, ReviewKD on ImageNet,
+carry the paper's value only); each cell gives the
 mean ± std over finished trials of the best-epoch test top-1 and of the last-epoch test
 top-1, the number of trials, the paper's value and our difference from it. Every other run
 folder (``train_student.py``'s own run names) is grouped with the runs whose ``config.json``
@@ -17,7 +20,6 @@ overlaid, the paper's value as a line) under ``<save_root>/report/``.
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import math
 import os
@@ -28,7 +30,8 @@ from typing import Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from errors import UserError, exit_on_user_error  # noqa: E402
-from helper.recipes import TABLES, Cell, load_cells, method_names, pairs_of  # noqa: E402
+from helper.recipes import TABLES, Cell, all_cells, method_names, pairs_of, table_key  # noqa: E402
+from helper.report_format import markdown, plain, plot_curves, write_csv  # noqa: E402
 from helper.run_groups import (RunGroup, TrialResult, TrialStats, group_runs, method_label,  # noqa: E402
                                read_trial, run_folders, varying_keys)
 
@@ -42,6 +45,7 @@ CSV_COLUMNS = ["table", "teacher", "student", "method", "n_finished", "n_unfinis
                "paper_runs", "diff_best", "diff_last", "note"]
 
 
+PAPER_DATA = {"cifar100": "CIFAR-100", "imagenet": "ImageNet val"}
 RUN_COLUMNS = ["teacher", "student", "method", "r", "a", "b", "other", "dataset", "epochs", "n_finished",
                "n_unfinished", "best_mean", "best_std", "last_mean", "last_std", "runs"]
 RUN_HEADER = ("One row per configuration: runs whose config.json is the same apart from trial, seed, "
@@ -67,10 +71,10 @@ class CellResult(TrialStats):
         return None if mean is None or self.cell.paper is None else mean - self.cell.paper
 
 
-def collect(save_root: str, tables: Sequence[int]) -> list[CellResult]:
+def collect(save_root: str, tables: Sequence[object]) -> list[CellResult]:
     """Every cell that has at least one trial with a finished epoch, in the paper's order."""
     out = []
-    for cell in load_cells():
+    for cell in all_cells():
         if tables and cell.table not in tables:
             continue
         pattern = os.path.join(save_root, "student_model", cell.cell_dir, "trial_*")
@@ -82,6 +86,13 @@ def collect(save_root: str, tables: Sequence[int]) -> list[CellResult]:
     return out
 
 
+def table_name(table: object, short: bool = False) -> str:
+    """``Table 1: same-architecture pairs`` (``Table 1``), ``ImageNet (ILSVRC-2012)`` (``ImageNet``)."""
+    if isinstance(table, int):
+        return f"Table {table}" if short else f"Table {table}: {TABLES[table]}"
+    return "ImageNet" if short else TABLES[table]
+
+
 def _fmt(mean: Optional[float], std: Optional[float], diff: Optional[float]) -> str:
     if mean is None:
         return ""
@@ -90,7 +101,7 @@ def _fmt(mean: Optional[float], std: Optional[float], diff: Optional[float]) -> 
 
 
 def _paper(cell: Cell) -> str:
-    mark = " †" if cell.note and cell.paper is not None else ""
+    mark = " †" if cell.runnable and cell.note and cell.paper is not None else ""
     return "n/a ‡" if cell.paper is None else f"{cell.paper:.2f}{mark}"
 
 
@@ -104,30 +115,23 @@ def _lines(result: Optional[CellResult]) -> list[str]:
             f"{len(result.finished)}{unfinished}"]
 
 
-def grid(results: list[CellResult], table: int) -> tuple[list[str], list[list[str]]]:
-    """The paper-layout table: header and rows (method, stat, one column per pair)."""
+def grid(results: list[CellResult], table: object) -> tuple[list[str], list[list[str]]]:
+    """The paper-layout table: header and rows (method, stat, one column per pair); a row
+    this project cannot run shows the paper's values only (stat ``quoted``)."""
     mine = [r for r in results if r.cell.table == table]
+    cells = [c for c in all_cells() if c.table == table]
     pairs = [(t, s) for tab, t, s in pairs_of(r.cell for r in mine) if tab == table]
     by_key = {(r.cell.method, r.cell.teacher, r.cell.student): r for r in mine}
-    paper = {(c.method, c.teacher, c.student): _paper(c) for c in load_cells() if c.table == table}
+    paper = {(c.method, c.teacher, c.student): _paper(c) for c in cells}
     header = ["method", "stat"] + [f"{t}→{s}" for t, s in pairs]
     rows = [["teacher", "paper"] + [paper[("teacher", t, s)] for t, s in pairs]]
     for method in method_names(r.cell for r in mine):
-        columns = [_lines(by_key.get((method, t, s))) + [paper[(method, t, s)]] for t, s in pairs]
+        columns = [_lines(by_key.get((method, t, s))) + [paper.get((method, t, s), "")] for t, s in pairs]
         for i, stat in enumerate(("best", "last", "n", "paper")):
             rows.append([method if i == 0 else "", stat] + [col[i] for col in columns])
+    for method in method_names(c for c in cells if not c.runnable and c.method != "teacher"):
+        rows.append([method, "quoted"] + [paper.get((method, t, s), "") for t, s in pairs])
     return header, rows
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def plain(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header] + rows)
 
 
 def notes(results: list[CellResult]) -> list[str]:
@@ -152,29 +156,6 @@ def csv_rows(results: list[CellResult]) -> list[dict]:
                          paper_std=r.cell.paper_std, paper_runs=r.cell.runs, diff_best=r.diff("best"),
                          diff_last=r.diff("last"), note=r.cell.note))
     return rows
-
-
-def plot(result: CellResult, path: str) -> None:
-    """Test accuracy against epoch for each trial, the paper's value as a dashed line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cell = result.cell
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for t in result.trials:
-        ax.plot(t.epochs, t.acc, linestyle="-" if t.finished else ":", marker="." if len(t.acc) < 20 else None,
-                label=f"{t.name} (best {t.best:.2f}, last {t.last:.2f}{'' if t.finished else ', unfinished'})")
-    if cell.paper is not None:
-        ax.axhline(cell.paper, color="black", linestyle="--", label=f"paper {cell.paper:.2f}")
-    ax.set(xlabel="epoch", ylabel="test top-1 (%)",
-           title=f"Table {cell.table}: {cell.method}, {cell.teacher}→{cell.student}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run_table(groups: Sequence[RunGroup]) -> tuple[list[str], list[list[str]]]:
@@ -219,28 +200,24 @@ def _num(value: object) -> str:
     return str(value)
 
 
-def _write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else v)
-                             for k, v in row.items()})
-
-
 def _table_sections(results: list[CellResult], out: str, plots: bool) -> tuple[list[str], list[str]]:
     """The paper tables, notes and curves: markdown lines and plain-text lines."""
     md, text = [f"{HEADER}\n"], []
     for table in sorted({r.cell.table for r in results}):
         header, rows = grid(results, table)
         data = ", ".join(sorted({t.dataset for r in results if r.cell.table == table for t in r.trials}))
-        where = "CIFAR-100" if data == "cifar100" else f"ours on {data}, the paper's on CIFAR-100"
-        title = f"Table {table}: {TABLES[table]} (test top-1 %, {where})"
+        paper_data = next(r.cell.dataset for r in results if r.cell.table == table)
+        name = PAPER_DATA.get(paper_data, paper_data)
+        where = name if data == paper_data else f"ours on {data}, the paper's on {name}"
+        title = f"{table_name(table)} (test top-1 %, {where})"
         md += [f"## {title}\n", markdown(header, rows), ""]
         text += [title, plain(header, rows), ""]
     extra = notes(results)
     if any(r.cell.note for r in results):
         extra.append("† a gap in the paper filled by our choice; ‡ no paper value")
+    quoted = {c.method: c.note for c in all_cells() if not c.runnable and c.method != "teacher"
+              and c.table in {r.cell.table for r in results}}
+    extra += [f"{method}: {note}" for method, note in quoted.items()]
     if extra:
         md += ["Notes:\n"] + [f"- {n}" for n in extra] + [""]
         text += ["Notes:"] + [f"  {n}" for n in extra] + [""]
@@ -249,8 +226,9 @@ def _table_sections(results: list[CellResult], out: str, plots: bool) -> tuple[l
         md.append("## Curves\n")
         for r in results:
             rel = os.path.join("curves", r.cell.cell_dir + ".png")
-            plot(r, os.path.join(out, rel))
-            md.append(f"- [Table {r.cell.table}, {r.cell.method}, {r.cell.teacher}→{r.cell.student}]({rel})")
+            name = f"{table_name(r.cell.table, short=True)}, {r.cell.method}, {r.cell.teacher}→{r.cell.student}"
+            plot_curves(r.trials, r.cell.paper, name, os.path.join(out, rel))
+            md.append(f"- [{name}]({rel})")
         md.append("")
     return md, text
 
@@ -264,13 +242,13 @@ def write_report(results: list[CellResult], groups: Sequence[RunGroup], root: st
     if results:
         cell_md, cell_text = _table_sections(results, out, plots)
         md, text = md + cell_md, text + cell_text
-        _write_csv(os.path.join(out, "report.csv"), CSV_COLUMNS, csv_rows(results))
+        write_csv(os.path.join(out, "report.csv"), CSV_COLUMNS, csv_rows(results))
     if groups:
         title = f"Other runs under {root}, one row per configuration (test top-1 %)"
         header, rows = run_table(groups)
         md += [f"## {title}\n", RUN_HEADER, "", markdown(header, rows), ""]
         text += [title, plain(header, rows), "", RUN_HEADER]
-        _write_csv(os.path.join(out, "runs.csv"), RUN_COLUMNS, run_csv_rows(groups, root))
+        write_csv(os.path.join(out, "runs.csv"), RUN_COLUMNS, run_csv_rows(groups, root))
     with open(os.path.join(out, "report.md"), "w") as handle:
         handle.write("\n".join(md) + "\n")
     return "\n".join(text).rstrip()
@@ -283,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--save_root", default=os.path.join("save", "reproduce"),
                    help="the --save_root the runs were made with (default save/reproduce, reproduce.py's; "
                         "train_student.py's own runs: save)")
-    p.add_argument("--table", type=int, choices=(1, 2), action="append", default=[],
+    p.add_argument("--table", type=table_key, action="append", default=[], metavar="{1,2,imagenet}",
                    help="only this paper table (repeatable; other runs are then left out)")
     p.add_argument("--out", default=None, help="report folder (default <save_root>/report)")
     p.add_argument("--no_plots", "--no-plots", dest="no_plots", action="store_true",

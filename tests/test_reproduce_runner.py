@@ -2,9 +2,10 @@
 progress and ETAs.
 
 Runs go through a fake ``train_student.py`` (``--python`` names a wrapper that runs
-:data:`FAKE`): it records its command line and environment, then writes one
-``metrics.csv`` row (test accuracy 10 × epoch) every ``--delay`` seconds and a
-``summary.json`` at the end, as the real one does.
+:data:`FAKE`): it records its command line and environment (``launch.json``; a rank r > 0
+of a distributed job ``launch_rank<r>.json``), then rank 0 writes one ``metrics.csv`` row
+(test accuracy 10 × epoch) every ``--delay`` seconds and a ``summary.json`` at the end, as
+the real one does.
 """
 from __future__ import annotations
 
@@ -46,8 +47,13 @@ p.add_argument("--delay", type=float, default=0.0)
 a, _ = p.parse_known_args(sys.argv[2:])
 d = os.path.join(a.save_root, "student_model", a.run_name)
 os.makedirs(d, exist_ok=True)
-with open(os.path.join(d, "launch.json"), "w") as h:
-    json.dump({"argv": sys.argv[1:], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}, h)
+rank = int(os.environ.get("RANK", "0"))
+env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                                      "OMP_NUM_THREADS")}
+with open(os.path.join(d, "launch.json" if rank == 0 else f"launch_rank{rank}.json"), "w") as h:
+    json.dump({"argv": sys.argv[1:], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(), **env}, h)
+if rank:
+    sys.exit(0)
 with open(os.path.join(d, "config.json"), "w") as h:
     json.dump({"epochs": a.epochs}, h)
 rows = ["epoch,test_acc"]
@@ -120,8 +126,9 @@ def test_run_into_a_closed_pipe_stops_its_trials_quietly(fake):
     trial = _trial(fake.root, 1)
     code, read, err = _closed_early(["scripts/reproduce.py", *fake("--gpus", "cpu", "--progress_s", "0.2",
                                                                     epochs=50, delay=0.2)],
-                                    2, wait_for=trial / "launch.json")
-    assert read[0].startswith("# 1 trial") and read[1].startswith("start") and code == 141
+                                    3, wait_for=trial / "launch.json")
+    assert read[0].startswith("# 1 trial") and read[1].startswith("# runs at once: the CPU ×1")
+    assert read[2].startswith("start") and code == 141
     assert "Traceback" not in err and "BrokenPipe" not in err
     assert not (trial / "summary.json").exists()  # stopped mid-run, at the next progress print
     assert not (trial / trial_lock.LOCK).exists()
@@ -141,18 +148,34 @@ def test_bad_gpu_ids_are_refused(spec, visible, message):
         gpu_slots.gpu_slots(spec, 1, visible)
 
 
-@pytest.mark.parametrize("spec, jobs, visible, slots", [
-    (None, 2, 2, [0, 0, 1, 1]), (None, 1, 0, [None]), ("cpu", 3, 8, [None] * 3), ("CPU", 1, 0, [None]),
-    ("2, 0", 1, 3, [2, 0]),
+Slot, CPU = gpu_slots.Slot, gpu_slots.Slot()
+
+
+@pytest.mark.parametrize("spec, jobs, visible, per_run, slots", [
+    (None, 2, 2, 1, [Slot((0,)), Slot((1,))] * 2),  # round-robin: the first runs spread over the GPUs
+    (None, 1, 0, 1, [CPU]), ("cpu", 3, 8, 1, [CPU] * 3), ("CPU", 1, 0, 1, [CPU]),
+    ("2, 0", 1, 3, 1, [Slot((2,)), Slot((0,))]),
+    ("0,1,2,3", 1, 4, 2, [Slot((0, 1), 2), Slot((2, 3), 2)]),
+    (None, 2, 4, 4, [Slot((0, 1, 2, 3), 4)] * 2), ("cpu", 1, 2, 2, [Slot((), 2)]),
 ])
-def test_good_gpu_ids_make_slots(spec, jobs, visible, slots):
-    assert gpu_slots.gpu_slots(spec, jobs, visible) == slots
+def test_good_gpu_ids_make_slots(spec, jobs, visible, per_run, slots):
+    assert gpu_slots.gpu_slots(spec, jobs, visible, per_run) == slots
+
+
+def test_gpus_that_do_not_split_into_runs_are_refused():
+    with pytest.raises(UserError, match=r"--gpus_per_run 2 needs the GPUs in groups of 2, but 3 GPUs \(0,1,2\)"):
+        gpu_slots.gpu_slots("0,1,2", 1, 4, 2)
 
 
 def test_a_slot_maps_through_our_own_visible_devices():
-    assert gpu_slots.slot_launch(1, {"CUDA_VISIBLE_DEVICES": "5,7"}) == (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": "7"})
-    assert gpu_slots.slot_launch(1, {}) == (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": "1"})
-    assert gpu_slots.slot_launch(None, {"CUDA_VISIBLE_DEVICES": "5"}) == (["--device", "cpu"], {"CUDA_VISIBLE_DEVICES": ""})
+    cuda = ["--device", "cuda"]
+    assert gpu_slots.slot_launch(Slot((1,)), {"CUDA_VISIBLE_DEVICES": "5,7"}) == (cuda, {"CUDA_VISIBLE_DEVICES": "7"})
+    assert gpu_slots.slot_launch(Slot((1,)), {}) == (cuda, {"CUDA_VISIBLE_DEVICES": "1"})
+    assert gpu_slots.slot_launch(CPU, {"CUDA_VISIBLE_DEVICES": "5"}) == (["--device", "cpu"], {"CUDA_VISIBLE_DEVICES": ""})
+    group = Slot((0, 2), 2)
+    assert gpu_slots.slot_launch(group, {"CUDA_VISIBLE_DEVICES": "4,5,6"}, threads=3) == (
+        cuda, {"CUDA_VISIBLE_DEVICES": "4,6", "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"})
+    assert gpu_slots.slot_name(group) == "GPUs 0,2" and gpu_slots.slot_name(Slot((), 2)) == "the CPU (2 processes)"
 
 
 @pytest.mark.parametrize("gpus, visible", [("0,,x", 2), ("3", 1), ("0,0", 2)])
@@ -189,6 +212,21 @@ def test_a_device_after_double_dash_is_refused_locally(fake, capsys, flag):
     assert err.value.code == 2 and message.count("\n") == 1 and "--gpus" in message
     assert reproduce.main(fake("--slurm", "--dry-run") + flag) == 0  # a SLURM job's device is the user's call
     assert capsys.readouterr().out.rstrip().endswith(shlex.join(flag))
+
+
+def test_a_run_on_several_gpus_is_launched_through_torchrun(fake, monkeypatch, capsys):
+    monkeypatch.setattr(reproduce, "visible_gpu_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    monkeypatch.setattr(reproduce.packing, "available_cores", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert reproduce.main(fake("--gpus", "1,2,3,0", "--gpus_per_run", "2", "--jobs-per-gpu", "2", trials=1)) == 0
+    launched = _launch(fake.root, 1)
+    argv = launched["argv"]
+    assert argv[:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_student.py"]
+    assert argv[-2:] == ["--device", "cuda"] and launched["cuda"] == "5,6"  # the first group: GPUs 1 and 2
+    assert launched["OMP_NUM_THREADS"] == "2"  # 16 cores over 2 groups × 2 runs × 2 processes
+    out = capsys.readouterr().out
+    assert "GPUs 1,2 ×2 (--device cuda, CUDA_VISIBLE_DEVICES=5,6, torchrun ×2)" in out and "on GPUs 1,2" in out
 
 
 # --- --method spellings ---------------------------------------------------------------------
@@ -274,6 +312,26 @@ def test_status_and_etas_from_metrics(tmp_path):
                                            (2 * 86400 + 4 * 3600, "2d04h")])
 def test_durations_read_well(seconds, text):
     assert trial_progress.format_duration(seconds) == text
+
+
+# --- SLURM -----------------------------------------------------------------------------------
+
+def test_a_job_of_several_tasks_gives_each_its_rank(fake, capsys):
+    """--slurm_gpus 2 on submitit's local cluster: two tasks, one process each, one rendezvous."""
+    argv = fake("--slurm", "--slurm_cluster", "local", "--slurm_gpus", "2", "--slurm_time", "5", trials=1)
+    assert reproduce.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 node(s) × 2 task(s)" in out and "(1 node × 2 tasks)" in out and "[1/1] done" in out
+    trial = _trial(fake.root, 1)
+    ranks = [json.loads((trial / name).read_text()) for name in ("launch.json", "launch_rank1.json")]
+    assert [(r["RANK"], r["LOCAL_RANK"], r["WORLD_SIZE"]) for r in ranks] == [("0", "0", "2"), ("1", "1", "2")]
+    assert ranks[0]["MASTER_ADDR"] == ranks[1]["MASTER_ADDR"] and ranks[0]["MASTER_PORT"] == ranks[1]["MASTER_PORT"]
+    assert "--device" not in ranks[0]["argv"]  # a job's device is --device auto: cuda:<LOCAL_RANK>
+    assert (trial / trial_lock.LOG).exists() and (trial / "reproduce.rank1.log").exists()
+    assert not (trial / trial_lock.LOCK).exists()
+    with pytest.raises(SystemExit):  # submitit's local cluster has one node
+        reproduce.main(fake("--slurm", "--slurm_cluster", "local", "--slurm_nodes", "2", trials=2))
+    assert "submitit refuses the job shape" in capsys.readouterr().err
 
 
 # --- SLURM: the job's function travels by value ----------------------------------------------
