@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from errors import UserError, exit_on_user_error
-from helper.recipes import teacher_checkpoint
+from helper.tables.recipes import teacher_checkpoint
 
 # Published top-1 (%) of RepDistiller's teachers on the CIFAR-100 test set (paper Tables 1-4).
 PUBLISHED_TOP1 = {

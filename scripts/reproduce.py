@@ -32,13 +32,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from errors import UserError, exit_on_user_error  # noqa: E402
-from helper import packing  # noqa: E402
-from helper.gpu_slots import Slot, describe_slots, gpu_slots, refuse_device_flag  # noqa: E402
-from helper.local_runner import LocalRun  # noqa: E402
-from helper.pack_plan import describe, plan_packing  # noqa: E402
-from helper.recipes import all_cells, table_key, teacher_checkpoint  # noqa: E402
-from helper.slurm_runner import run_slurm, slurm_job_function  # noqa: E402, F401 (tests reach it here)
-from helper.trial_plan import (Trial, build_trials, display_path, missing_data_folder,  # noqa: E402
+from helper.tables import packing  # noqa: E402
+from helper.tables.gpu_slots import Slot, describe_slots, gpu_slots, refuse_device_flag  # noqa: E402
+from helper.tables.local_runner import LocalRun  # noqa: E402
+from helper.tables.pack_plan import describe, plan_packing  # noqa: E402
+from helper.tables.recipes import all_cells, table_key, teacher_checkpoint  # noqa: E402
+from helper.tables.slurm_runner import run_slurm, slurm_job_function  # noqa: E402, F401 (tests reach it here)
+from helper.tables.trial_plan import (Trial, build_trials, display_path, missing_data_folder,  # noqa: E402
                                paper_method, plan_cells, run_values)
 
 __all__ = ["main", "paper_method", "slurm_job_function", "visible_gpu_count"]

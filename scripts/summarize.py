@@ -30,9 +30,9 @@ from typing import Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from errors import UserError, exit_on_user_error  # noqa: E402
-from helper.recipes import TABLES, Cell, all_cells, method_names, pairs_of, table_key  # noqa: E402
-from helper.report_format import markdown, plain, plot_curves, write_csv  # noqa: E402
-from helper.run_groups import (RunGroup, TrialResult, TrialStats, group_runs, method_label,  # noqa: E402
+from helper.tables.recipes import TABLES, Cell, all_cells, method_names, pairs_of, table_key  # noqa: E402
+from helper.tables.report_format import markdown, plain, plot_curves, write_csv  # noqa: E402
+from helper.tables.run_groups import (RunGroup, TrialResult, TrialStats, group_runs, method_label,  # noqa: E402
                                read_trial, run_folders, varying_keys)
 
 HEADER = ("best = mean ± std over finished trials of each trial's best-epoch test top-1 (%); "

@@ -27,7 +27,7 @@ from helper.distill import (DistillObjective, FrozenTeacher, method_context, res
 from errors import UserError
 from helper.init_stage import run_init_stage
 from helper.student import build_parser, parse_config
-from helper.recipes import load_cells
+from helper.tables.recipes import load_cells
 
 NAMES = METHODS.names()
 LOGIT_ONLY = METHODS.names(logit_only=True)

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from errors import UserError  # noqa: E402
-from helper import calibrate, pack_plan, packing  # noqa: E402
+from helper.tables import calibrate, pack_plan, packing  # noqa: E402
 
 
 def _script(name: str):

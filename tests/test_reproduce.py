@@ -23,7 +23,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from helper import recipes, trial_lock  # noqa: E402
+from helper.tables import recipes, trial_lock  # noqa: E402
 
 
 def _script(name: str):

@@ -14,7 +14,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from helper import recipes, recipes_imagenet  # noqa: E402
+from helper.tables import recipes, recipes_imagenet  # noqa: E402
 
 
 def _script(name: str):
@@ -177,7 +177,7 @@ def test_the_report_sits_beside_the_papers_imagenet_table(tmp_path, capsys):
 
 def test_the_runner_knows_train_student_defaults_per_data_set():
     from helper.config import recipe_of
-    from helper.trial_plan import run_values
+    from helper.tables.trial_plan import run_values
     for dataset in ("cifar100", "digits", "imagenet"):
         values = run_values(["--dataset", dataset])
         assert (values.epochs, values.batch_size) == (recipe_of(dataset)["epochs"], recipe_of(dataset)["batch_size"])

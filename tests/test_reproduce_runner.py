@@ -23,7 +23,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from helper import gpu_slots, recipes, trial_lock, trial_progress  # noqa: E402
+from helper.tables import gpu_slots, recipes, trial_lock, trial_progress  # noqa: E402
 from errors import UserError  # noqa: E402
 
 

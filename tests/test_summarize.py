@@ -19,7 +19,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from helper import run_groups  # noqa: E402
+from helper.tables import run_groups  # noqa: E402
 
 
 def _script(name: str):

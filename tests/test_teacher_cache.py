@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import helper.teacher_cache as tc
-import helper.teacher_cache_build
+import helper.teacher_cache.build
 import models
 import train_student
 from dataset import load_digits32
@@ -28,8 +28,8 @@ from helper.config import Config
 from helper.distill import FrozenTeacher
 from helper.distributed import DistEnv
 from helper.student import build_objective, parse_config
-from helper.teacher_cache_build import build_cache
-from helper.teacher_cache_store import CacheKey, build_lock, cache_paths, check_cache, open_table
+from helper.teacher_cache.build import build_cache
+from helper.teacher_cache.store import CacheKey, build_lock, cache_paths, check_cache, open_table
 from train_utils import install_small_digits, read_metrics, shrink
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"))
@@ -162,7 +162,7 @@ def test_cached_teacher_gives_the_live_loss_and_gradients(built, config):
 
 
 def test_benchmark_times_both_steps_on_the_same_batches(built):
-    from helper.teacher_cache_bench import time_steps
+    from helper.teacher_cache.bench import time_steps
 
     data, teacher, cached, root = built
     cfg = parse_config(["--path_t", "unused.pth", "--model_s", "resnet8", "--dataset", "digits",
@@ -350,13 +350,13 @@ def test_ranks_build_their_shares_of_one_file(tmp_path, monkeypatch):
     monkeypatch.setattr(helper.distributed, "broadcast_object", ranks.broadcast_object)
     monkeypatch.setattr(helper.distributed, "barrier", ranks.barrier)
     results, written = {}, []
-    real_sweep = helper.teacher_cache_build.sweep
+    real_sweep = helper.teacher_cache.build.sweep
 
     def sweep(*args):
         written.append((args[7], args[8]))  # (begin, end) view ids of one rank
         return real_sweep(*args)
 
-    monkeypatch.setattr(helper.teacher_cache_build, "sweep", sweep)
+    monkeypatch.setattr(helper.teacher_cache.build, "sweep", sweep)
 
     teachers = [TinyTeacher(), TinyTeacher()]  # built here: their init seeds the global RNG
 

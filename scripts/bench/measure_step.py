@@ -35,7 +35,7 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def recipe_flags(teacher: str, student: str, method: str, headline: str) -> list[str]:
     """The paper recipe's flags for the CIFAR cell, else the headline pair's, else the method alone."""
     try:
-        from helper import recipes
+        from helper.tables import recipes
         cells = [c for c in recipes.load_cells() if c.method == RECIPE_ROW.get(method) and c.runnable]
         for pair in ((teacher, student), tuple(headline.split(":"))):
             for cell in cells:

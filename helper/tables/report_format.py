@@ -6,7 +6,7 @@ import csv
 import os
 from typing import Optional, Sequence
 
-from helper.run_groups import TrialResult
+from helper.tables.run_groups import TrialResult
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:

@@ -4,7 +4,7 @@
 (Table 1: same-architecture pairs, Table 2: different-architecture pairs): teacher, student,
 method, the paper's accuracy and run count, and each hyperparameter with its source. This
 module reads it into :class:`Cell` objects and turns each runnable cell into flags. The
-ImageNet table (``scripts/recipes_imagenet.json``) is read by :mod:`helper.recipes_imagenet`;
+ImageNet table (``scripts/recipes_imagenet.json``) is read by :mod:`helper.tables.recipes_imagenet`;
 :func:`all_cells` returns the three tables together.
 
 Where the paper is silent we fill the gap and say so in :attr:`Cell.note` (the report marks
@@ -29,8 +29,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 from errors import UserError
 
-RECIPES_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "scripts", "recipes.json")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECIPES_JSON = os.path.join(REPO, "scripts", "recipes.json")
 TableKey = Union[int, str]
 IMAGENET = "imagenet"
 TABLES: dict[TableKey, str] = {1: "same-architecture pairs", 2: "different-architecture pairs",
@@ -238,7 +238,7 @@ def load_cells(path: str = RECIPES_JSON) -> tuple[Cell, ...]:
 
 def all_cells() -> tuple[Cell, ...]:
     """The cells of every table: CIFAR-100 Tables 1 and 2, then the ImageNet table."""
-    from helper.recipes_imagenet import load_imagenet_cells  # it builds on this module's Cell
+    from helper.tables.recipes_imagenet import load_imagenet_cells  # it builds on this module's Cell
     return load_cells() + load_imagenet_cells()
 
 

@@ -1,6 +1,6 @@
 """One process of a packing calibration: times real training steps on synthetic batches.
 
-    python -m helper.calibrate_worker --spec DIR/spec.json --index I --first_round R
+    python -m helper.tables.calibrate_worker --spec DIR/spec.json --index I --first_round R
 
 The step is built as ``train_student.py`` builds it (``helper.student.parse_config``,
 ``build_objective``, ``assemble_step``) and driven by ``helper.loop.Trainer.train_epoch``
@@ -9,7 +9,7 @@ sample indices; the teacher has random weights, which does not change the work d
 data loader is left out, and the teacher runs live (a run that finds a teacher-output
 cache skips it, and goes faster than calibrated): what is timed is the training step. The process warms up, then
 for each round r from R: writes ``ready_<I>_<r>``, waits for ``go_<r>`` (written by
-:class:`helper.calibrate.WorkerPool` once every process of the round is ready, so that the
+:class:`helper.tables.calibrate.WorkerPool` once every process of the round is ready, so that the
 timed windows overlap; it holds the round's CPU-thread share), times ``steps`` steps and
 writes ``result_<I>_<r>.json``: images, start and end (``time.time()`` seconds). It ends
 when ``stop`` appears.
@@ -109,8 +109,8 @@ def write_json(path: str, data: dict) -> None:
 
 @exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="one process of a packing calibration (helper.calibrate)")
-    p.add_argument("--spec", required=True, help="the round's spec.json (written by helper.calibrate)")
+    p = argparse.ArgumentParser(description="one process of a packing calibration (helper.tables.calibrate)")
+    p.add_argument("--spec", required=True, help="the round's spec.json (written by helper.tables.calibrate)")
     p.add_argument("--index", type=int, required=True, help="this process's index in the round")
     p.add_argument("--first_round", type=int, default=0, help="the first round it takes part in")
     args = p.parse_args(argv)

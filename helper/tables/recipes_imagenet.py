@@ -1,4 +1,4 @@
-"""The paper's ImageNet table as :class:`~helper.recipes.Cell` objects.
+"""The paper's ImageNet table as :class:`~helper.tables.recipes.Cell` objects.
 
 ``scripts/recipes_imagenet.json`` holds the table of the official README (ResNet-34 →
 ResNet-18 and ResNet-50 → MobileNetV1: KD, CRD, ReviewKD, ITRD, DKD, DIST, WTTM, plus the
@@ -16,10 +16,10 @@ import json
 import os
 from typing import Any
 
-from helper.recipes import IMAGENET, Cell, student_flags
+from helper.tables.recipes import IMAGENET, Cell, student_flags
 
-IMAGENET_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "scripts", "recipes_imagenet.json")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+IMAGENET_JSON = os.path.join(REPO, "scripts", "recipes_imagenet.json")
 
 
 def _checked_values(specs: dict[str, Any], tags: dict[str, str], where: str) -> dict[str, Any]:

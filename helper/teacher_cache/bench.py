@@ -1,6 +1,6 @@
 """Timing the teacher-output cache: build rate, and the step with a cached vs a live teacher.
 
-    OMP_NUM_THREADS=1 python -m helper.teacher_cache_bench --teacher resnet32x4 \
+    OMP_NUM_THREADS=1 python -m helper.teacher_cache.bench --teacher resnet32x4 \
         --student resnet8x4 --method wttm --build_teacher resnet8 --device cpu
 
 builds a cache over ``--images`` synthetic CIFAR-shaped images (``--build_teacher``, default
@@ -29,8 +29,8 @@ from helper.distributed import DistEnv
 from helper.speed import memory_format
 from helper.student import assemble_step, build_objective, parse_config
 from helper.teacher_cache import PAD, CachedTeacher, cache_key
-from helper.teacher_cache_build import build_cache
-from helper.teacher_cache_store import cache_paths, open_table
+from helper.teacher_cache.build import build_cache
+from helper.teacher_cache.store import cache_paths, open_table
 
 
 def _sync(device: torch.device) -> None:
@@ -77,7 +77,7 @@ def time_steps(cfg: Config, env: DistEnv, data: ImageDataset, teacher: nn.Module
 
 
 def build_rate(stats: dict[str, float]) -> float:
-    """Views per second of a :func:`~helper.teacher_cache_build.build_cache` result."""
+    """Views per second of a :func:`~helper.teacher_cache.build.build_cache` result."""
     return stats["views"] / max(stats["seconds"], 1e-9)
 
 

@@ -1,7 +1,7 @@
 """A short calibration of packed runs, cached: aggregate throughput of K runs on one device.
 
 For a run's configuration (teacher, student, method, per-process batch, data set, speed
-flags) and each K, a round runs K processes of :mod:`helper.calibrate_worker` on one
+flags) and each K, a round runs K processes of :mod:`helper.tables.calibrate_worker` on one
 device (``CUDA_VISIBLE_DEVICES`` naming it, or the CPU), each with its share of the CPU
 threads; they build the run's real training step, warm up, wait for each other, and time
 ``steps`` steps on synthetic batches at once (the processes stay up from round to round,
@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 from errors import UserError
-from helper.packing import thread_share
+from helper.tables.packing import thread_share
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DECLINE = 0.9  # a round this far below the best so far ends the calibration
 # Training-set size and classes of each data set (the estimate's steps per epoch and the
 # synthetic labels; digits: dataset/digits.py's 75 % split of scikit-learn's 1,797).
@@ -152,7 +152,7 @@ class WorkerPool:
             i = len(self.procs)
             self.logs.append(open(os.path.join(self.folder, f"stderr_{i}.txt"), "w"))
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "helper.calibrate_worker", "--spec", self.spec_path, "--index", str(i),
+                [sys.executable, "-m", "helper.tables.calibrate_worker", "--spec", self.spec_path, "--index", str(i),
                  "--first_round", str(r)], cwd=REPO, env=worker_env(self.environ, self.gpu, threads),
                 stdout=subprocess.DEVNULL, stderr=self.logs[i]))
         live = self.procs[:k]

@@ -2,9 +2,9 @@
 
 ``scripts/reproduce.py`` groups the trials still to run by what their speed depends on
 (teacher, student, data set, per-process batch, speed flags), calibrates each group with
-its first trial's configuration (:mod:`helper.calibrate`; the methods of a pair are taken
-to pack alike), picks K (:func:`helper.packing.choose_k`) and projects the plan's
-device-hours and wall time (:func:`helper.packing.estimate`). Calibration rounds run on
+its first trial's configuration (:mod:`helper.tables.calibrate`; the methods of a pair are taken
+to pack alike), picks K (:func:`helper.tables.packing.choose_k`) and projects the plan's
+device-hours and wall time (:func:`helper.tables.packing.estimate`). Calibration rounds run on
 the first device of the plan; a GPU plan assumes its GPUs are alike.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import platform
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
 
-from helper import calibrate, packing, trial_progress
-from helper.gpu_slots import Slot, slot_launch
-from helper.trial_plan import Trial, run_values
+from helper.tables import calibrate, packing, trial_progress
+from helper.tables.gpu_slots import Slot, slot_launch
+from helper.tables.trial_plan import Trial, run_values
 
 
 @dataclass

@@ -3,8 +3,8 @@
 For logit-only objectives (``kd``, ``ttm``, ``wttm``, ``dist``, ``dkd`` as ``--distill`` or
 ``--add``) the teacher's output depends only on the training view, and the CIFAR loader has
 a finite set of them (:mod:`dataset.views`: 50,000 images × 162 views for CIFAR-100). The
-teacher's float32 logits for every view are built once (:mod:`helper.teacher_cache_build`),
-stored under ``<save_root>/cache/`` (:mod:`helper.teacher_cache_store`), and a run looks its
+teacher's float32 logits for every view are built once (:mod:`helper.teacher_cache.build`),
+stored under ``<save_root>/cache/`` (:mod:`helper.teacher_cache.store`), and a run looks its
 batch's rows up by the view ids its loader reports instead of running the teacher.
 
 ``--teacher_cache``: ``auto`` uses a valid cache when there is one; ``build`` builds a missing
@@ -26,8 +26,8 @@ from distiller_zoo import Outputs
 from helper import distributed
 from helper.config import Config
 from helper.distributed import DistEnv
-from helper.teacher_cache_build import build_cache
-from helper.teacher_cache_store import (CacheKey, CachePaths, cache_paths, check_cache, images_sha256,
+from helper.teacher_cache.build import build_cache
+from helper.teacher_cache.store import (CacheKey, CachePaths, cache_paths, check_cache, images_sha256,
                                         open_table, table_bytes)
 
 MODES = ("auto", "off", "build")

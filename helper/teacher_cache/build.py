@@ -26,7 +26,7 @@ from helper.distill import FrozenTeacher
 from helper.distributed import DistEnv
 from helper.loop import format_duration
 from helper.speed import autocast
-from helper.teacher_cache_store import (CacheKey, CachePaths, build_lock, check_cache, finish_file,
+from helper.teacher_cache.store import (CacheKey, CachePaths, build_lock, check_cache, finish_file,
                                         start_file)
 
 # Views per teacher forward: large enough to fill the device, small enough for its memory
