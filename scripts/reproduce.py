@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--progress_s", "--progress-s", dest="progress_s", type=float, default=300,
                      help="print each running trial's epoch, accuracy and ETA every this many seconds "
                           "(default 300; 0: never)")
+    how.add_argument("--teacher_cache", default="build", choices=("auto", "off", "build"),
+                     help="passed to every run: build (default) makes the first logit-only run of a "
+                          "teacher build the exact teacher-output cache that the others then read "
+                          "(feature methods keep the live teacher); off: every run runs its teacher")
     how.add_argument("--python", default=sys.executable,
                      help=f"interpreter for train_student.py (default {display_path(sys.executable)})")
     slurm = p.add_argument_group("SLURM (through submitit)")

@@ -79,6 +79,7 @@ def test_dry_run_has_a_command_for_every_runnable_cell_and_trial(capsys):
             assert flags["--path_t"] == recipes.teacher_checkpoint(os.path.join("save", "models"), cell.teacher)
             assert flags["--model_s"] == cell.student and flags["--trial"] == flags["--seed"] == str(k)
             assert "--resume" in flags and flags["--save_root"] == "/nonexistent/rep"
+            assert flags["--teacher_cache"] == "build"  # the first logit run of a teacher builds it
             assert " ".join(cell.flags()) in " ".join(cmd)
             assert cmd[-4:] == ["--dataset", "digits", "--epochs", "1"]  # pass-through, last
 
@@ -198,7 +199,9 @@ def _run(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
 
 def _reproduce(root, methods=METHODS, trials=2, *extra: str) -> list[str]:
     method_args = [a for m in methods for a in ("--method", m)]
+    # --teacher_cache off: building a cache of digits' 218k views would dominate these tiny runs
     return [sys.executable, "scripts/reproduce.py", *extra, "--gpus", "cpu", "--jobs-per-gpu", "2",
+            "--teacher_cache", "off",
             "--pair", PAIR, *method_args,
             "--trials", str(trials), "--save_root", str(root / "rep"), "--teacher_root", str(root / "teachers"),
             "--", *PASS]

@@ -101,7 +101,9 @@ def build_trials(cells: Sequence[Cell], args: argparse.Namespace, passthrough: S
     """The trials of ``cells``, trial-major (every cell's trial 1 comes first).
 
     Args:
-        args: ``trials``, ``save_root``, ``teacher_root``, ``python``, ``data_folder``.
+        args: ``trials``, ``save_root``, ``teacher_root``, ``python``, ``data_folder``,
+            ``teacher_cache`` (passed on as ``--teacher_cache``; logit-only runs then share one
+            cache of each teacher's outputs, built by the first run that needs it).
         passthrough: arguments after ``--``, last on every command.
         procs: processes per run (torchrun when more than one).
     """
@@ -113,6 +115,8 @@ def build_trials(cells: Sequence[Cell], args: argparse.Namespace, passthrough: S
             name = cell.run_name(k)
             run_dir = os.path.join(args.save_root, "student_model", name)
             data = ["--data_folder", args.data_folder] if args.data_folder else []
+            cache = getattr(args, "teacher_cache", None)
+            data += ["--teacher_cache", cache] if cache else []
             argv = ["--path_t", teacher_checkpoint(args.teacher_root, cell.teacher, cell.dataset),
                     "--model_s", cell.student, *cell.flags(), "--trial", str(k), "--seed", str(k),
                     "--save_root", args.save_root, "--run_name", name, "--resume", *data, *passthrough]
