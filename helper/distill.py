@@ -16,7 +16,7 @@ from torch import nn
 import models
 from distiller_zoo import METHODS, Batch, Distiller, MethodContext, Outputs
 from distiller_zoo.base import total_loss
-from helper.checkpoint import load_checkpoint, load_weights, state_dict_of
+from helper.checkpoint import load_weights, state_dict_of
 from errors import UserError
 
 
@@ -52,21 +52,6 @@ def build_teacher(checkpoint: dict[str, Any], path: str, arch: str, num_classes:
     teacher = models.create_model(arch, num_classes)
     load_weights(teacher, state_dict_of(checkpoint, path), arch, path)
     return teacher.to(device).eval().requires_grad_(False)
-
-
-def load_teacher(path: str, num_classes: int, device: torch.device,
-                 arch: Optional[str] = None) -> tuple[nn.Module, str]:
-    """Loads a frozen teacher from a checkpoint file (see :func:`build_teacher`).
-
-    The architecture is ``arch``, else ``ckpt['arch']``, else the one the folder name encodes.
-    Returns the teacher and its architecture name.
-    """
-    ckpt = load_checkpoint(path, "teacher checkpoint")
-    name = arch or ckpt.get("arch") or teacher_arch_from_path(path)
-    if name not in models.model_dict:
-        raise UserError(f"cannot tell the teacher's architecture from {path} (got {name!r}); "
-                        f"pass --model_t")
-    return build_teacher(ckpt, path, name, num_classes, device), name
 
 
 class FrozenTeacher:

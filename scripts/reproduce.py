@@ -33,15 +33,16 @@ sys.path.insert(0, REPO)
 
 from errors import UserError, exit_on_user_error  # noqa: E402
 from helper.tables import packing  # noqa: E402
+from helper.tables import gpu_slots as slots  # noqa: E402
 from helper.tables.gpu_slots import Slot, describe_slots, gpu_slots, refuse_device_flag  # noqa: E402
 from helper.tables.local_runner import LocalRun  # noqa: E402
 from helper.tables.pack_plan import describe, plan_packing  # noqa: E402
 from helper.tables.recipes import all_cells, table_key, teacher_checkpoint  # noqa: E402
-from helper.tables.slurm_runner import run_slurm, slurm_job_function  # noqa: E402, F401 (tests reach it here)
+from helper.tables.slurm_runner import run_slurm  # noqa: E402
 from helper.tables.trial_plan import (Trial, build_trials, display_path, missing_data_folder,  # noqa: E402
                                paper_method, plan_cells, run_values)
 
-__all__ = ["main", "paper_method", "slurm_job_function", "visible_gpu_count"]
+__all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,16 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def visible_gpu_count() -> int:
-    """GPUs this process sees (tests replace this to check ``--gpus`` without GPUs)."""
-    import torch
-    return torch.cuda.device_count()
-
-
 def base_slots(args: argparse.Namespace, jobs: int = 1) -> list[Slot]:
     """``--gpus``/``--gpus_per_run`` checked against the visible GPUs, ``jobs`` runs per group."""
     cpu_only = (args.gpus or "").strip().lower() == "cpu"
-    return gpu_slots(args.gpus, jobs, 0 if cpu_only else visible_gpu_count(), args.gpus_per_run)
+    return gpu_slots(args.gpus, jobs, 0 if cpu_only else slots.visible_gpu_count(), args.gpus_per_run)
 
 
 def check_args(args: argparse.Namespace, passthrough: Sequence[str]) -> None:

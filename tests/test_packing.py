@@ -15,6 +15,7 @@ sys.path.insert(0, REPO)
 
 from errors import UserError  # noqa: E402
 from helper.tables import calibrate, pack_plan, packing  # noqa: E402
+from helper.tables.gpu_slots import Slot  # noqa: E402
 
 
 def _script(name: str):
@@ -238,7 +239,7 @@ def test_a_dry_run_with_auto_measures_nothing_and_says_so(tmp_path, fake_pool, c
 def test_the_plan_lines_name_the_gpu_packing_and_mps():
     spec = _spec(device="cuda", device_name="NVIDIA H200")
     cal = calibrate.Calibration(spec, {1: 1000.0, 4: 3000.0}, {}, "x.json")
-    gpus = [reproduce.Slot((0,)), reproduce.Slot((1,))]
+    gpus = [Slot((0,)), Slot((1,))]
     plan = pack_plan.PackingPlan(4, True, [(cal, [])], packing.Estimate(12.5, 7200.0, 10), "MPS control daemon at /p")
     lines = pack_plan.describe(plan, gpus, threads=2)
     assert "images/s K=1: 1,000, K=4: 3,000" in lines[0] and "on NVIDIA H200" in lines[0]

@@ -23,7 +23,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from helper.tables import gpu_slots, recipes, trial_lock, trial_progress  # noqa: E402
+from helper.tables import gpu_slots, packing, recipes, trial_lock, trial_progress  # noqa: E402
+from helper.tables.slurm_runner import slurm_job_function  # noqa: E402
+from helper.tables.trial_plan import paper_method  # noqa: E402
 from errors import UserError  # noqa: E402
 
 
@@ -180,7 +182,7 @@ def test_a_slot_maps_through_our_own_visible_devices():
 
 @pytest.mark.parametrize("gpus, visible", [("0,,x", 2), ("3", 1), ("0,0", 2)])
 def test_bad_gpus_are_one_line_before_anything_runs(fake, monkeypatch, capsys, gpus, visible):
-    monkeypatch.setattr(reproduce, "visible_gpu_count", lambda: visible)
+    monkeypatch.setattr(gpu_slots, "visible_gpu_count", lambda: visible)
     for extra in (["--dry-run"], []):
         with pytest.raises(SystemExit) as err:
             reproduce.main(fake("--gpus", gpus, *extra))
@@ -191,7 +193,7 @@ def test_bad_gpus_are_one_line_before_anything_runs(fake, monkeypatch, capsys, g
 
 
 def test_gpu_and_cpu_slots_tell_train_student_their_device(fake, monkeypatch, capsys):
-    monkeypatch.setattr(reproduce, "visible_gpu_count", lambda: 2)
+    monkeypatch.setattr(gpu_slots, "visible_gpu_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     assert reproduce.main(fake("--gpus", "1", trials=1)) == 0
     launched = _launch(fake.root, 1)
@@ -215,9 +217,9 @@ def test_a_device_after_double_dash_is_refused_locally(fake, capsys, flag):
 
 
 def test_a_run_on_several_gpus_is_launched_through_torchrun(fake, monkeypatch, capsys):
-    monkeypatch.setattr(reproduce, "visible_gpu_count", lambda: 4)
+    monkeypatch.setattr(gpu_slots, "visible_gpu_count", lambda: 4)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    monkeypatch.setattr(reproduce.packing, "available_cores", lambda: 16)
+    monkeypatch.setattr(packing, "available_cores", lambda: 16)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert reproduce.main(fake("--gpus", "1,2,3,0", "--gpus_per_run", "2", "--jobs-per-gpu", "2", trials=1)) == 0
     launched = _launch(fake.root, 1)
@@ -253,8 +255,8 @@ def test_each_row_has_one_train_student_spelling():
         if "--add" in flags:
             names.add(flags[flags.index("--add") + 1])
         for spelled in ("+".join(sorted(names)), "+".join(sorted(names, reverse=True)).upper()):
-            assert reproduce.paper_method(spelled, cells) == cell.method, spelled
-    assert reproduce.paper_method("no_such", cells) == "no_such"
+            assert paper_method(spelled, cells) == cell.method, spelled
+    assert paper_method("no_such", cells) == "no_such"
 
 
 # --- progress -------------------------------------------------------------------------------
@@ -338,7 +340,7 @@ def test_a_job_of_several_tasks_gives_each_its_rank(fake, capsys):
 
 def test_the_slurm_job_function_unpickles_without_this_repository(tmp_path):
     import cloudpickle
-    payload = cloudpickle.dumps(reproduce.slurm_job_function())
+    payload = cloudpickle.dumps(slurm_job_function())
     run_dir = tmp_path / "trial"
     code = ("import pickle, sys; f = pickle.loads(sys.stdin.buffer.read()); "
             f"print(f(['true'], {str(run_dir)!r}, {{}}, 'tok')['returncode'])")

@@ -17,6 +17,12 @@ from typing import Mapping, Optional, Sequence
 
 from errors import UserError
 
+
+def visible_gpu_count() -> int:
+    """GPUs this process sees (``torch.cuda.device_count()``; tests replace it)."""
+    import torch  # the runner's planning imports no torch until it needs it
+    return torch.cuda.device_count()
+
 CPU = "cpu"
 USAGE = "give comma-separated GPU ids such as 0,1, or cpu"
 

@@ -80,7 +80,7 @@ class CycledBatches:
 
 @dataclass
 class BuiltRun:
-    """A run assembled as ``train_student.train`` assembles it (no checkpoint, no logbook)."""
+    """A run assembled as ``helper.student.train`` assembles it (no checkpoint, no logbook)."""
 
     cfg: Config
     objective: DistillObjective

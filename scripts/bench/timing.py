@@ -23,9 +23,10 @@ class Setting:
     """One point of the speed grid, named like ``bf16+cl+compile``.
 
     ``+cl`` is ``--channels_last``, ``+compile`` is ``--compile``, ``+cg`` is ``--compile
-    --compile_mode reduce-overhead`` (CUDA graphs, against launch overhead); ``+cudnn``
-    (``torch.backends.cudnn.benchmark``) is not a flag of the scripts and is measured as
-    evidence for one.
+    --compile_mode reduce-overhead`` (CUDA graphs, against launch overhead); ``+eager`` is
+    ``--cuda_graphs off`` (without it a CUDA step is replayed from a graph where it can be, the
+    scripts' default; the CPU is always eager); ``+cudnn`` (``torch.backends.cudnn.benchmark``)
+    is not a flag of the scripts and is measured as evidence for one.
     """
 
     precision: str = "fp32"
@@ -33,26 +34,32 @@ class Setting:
     compile: bool = False
     cudnn_benchmark: bool = False
     cudagraphs: bool = False
+    eager: bool = False
 
     @classmethod
     def parse(cls, name: str) -> "Setting":
-        """``"bf16+cl+compile"`` → the setting; raises ValueError on an unknown part."""
+        """``"bf16+cl+compile"`` → the setting; raises ValueError on an unknown part (``+eager``
+        with ``+compile``/``+cg`` is one: a compiled step is never graph-captured by the loop)."""
         parts = name.split("+")
-        unknown = set(parts[1:]) - {"cl", "compile", "cudnn", "cg"}
-        if parts[0] not in ("fp32", "bf16") or unknown or {"compile", "cg"} <= set(parts):
-            raise ValueError(f"bad setting {name!r}: <fp32|bf16>[+cl][+compile|+cg][+cudnn]")
-        return cls(parts[0], "cl" in parts, bool({"compile", "cg"} & set(parts)), "cudnn" in parts, "cg" in parts)
+        unknown = set(parts[1:]) - {"cl", "compile", "cudnn", "cg", "eager"}
+        if (parts[0] not in ("fp32", "bf16") or unknown or {"compile", "cg"} <= set(parts)
+                or ("eager" in parts and {"compile", "cg"} & set(parts))):
+            raise ValueError(f"bad setting {name!r}: <fp32|bf16>[+cl][+compile|+cg|+eager][+cudnn]")
+        return cls(parts[0], "cl" in parts, bool({"compile", "cg"} & set(parts)), "cudnn" in parts, "cg" in parts,
+                   "eager" in parts)
 
     @property
     def name(self) -> str:
         flags = [f for f, on in (("cl", self.channels_last), ("compile", self.compile and not self.cudagraphs),
-                                 ("cg", self.cudagraphs), ("cudnn", self.cudnn_benchmark)) if on]
+                                 ("cg", self.cudagraphs), ("eager", self.eager), ("cudnn", self.cudnn_benchmark))
+                 if on]
         return "+".join([self.precision, *flags])
 
     def flags(self) -> list[str]:
         """The ``train_student.py`` flags of this setting (``+cudnn`` has none)."""
         return (["--precision", self.precision] + ["--channels_last"] * self.channels_last
-                + ["--compile"] * self.compile + ["--compile_mode", "reduce-overhead"] * self.cudagraphs)
+                + ["--compile"] * self.compile + ["--compile_mode", "reduce-overhead"] * self.cudagraphs
+                + ["--cuda_graphs", "off"] * self.eager)
 
 
 def parse_settings(text: str) -> list[Setting]:
