@@ -40,7 +40,7 @@ from helper.tables.pack_plan import describe, plan_packing  # noqa: E402
 from helper.tables.recipes import all_cells, table_key, teacher_checkpoint  # noqa: E402
 from helper.tables.slurm_runner import run_slurm  # noqa: E402
 from helper.tables.trial_plan import (Trial, build_trials, display_path, missing_data_folder,  # noqa: E402
-                               paper_method, plan_cells, run_values)
+                               plan_cells, run_values)
 
 __all__ = ["main"]
 
