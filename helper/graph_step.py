@@ -68,7 +68,8 @@ def report_step_mode(cfg: Any, env: Any, mode: str) -> None:
     if not env.is_main:
         return
     print(f"training step: {mode}", flush=True)
-    expected = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and env.device.type == "cuda")
+    expected = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and env.device.type == "cuda"
+                                           and not cfg.compile)  # --compile is a choice of its own
     if expected and not mode.startswith("CUDA graph"):
         warnings.warn(f"the training step runs {mode}")
 

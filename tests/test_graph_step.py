@@ -161,10 +161,10 @@ def test_the_step_mode_is_reported_and_an_unexpected_eager_step_warns(capsys):
     eager = "eager (not replayable from a graph: --distill/--add crd)"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report_step_mode(types.SimpleNamespace(cuda_graphs="auto"), cpu, "eager (CUDA graphs need a CUDA device)")
-        report_step_mode(types.SimpleNamespace(cuda_graphs="off"), cuda, "eager (--cuda_graphs off)")
+        report_step_mode(types.SimpleNamespace(cuda_graphs="auto", compile=False), cpu, "eager (CUDA graphs need a CUDA device)")
+        report_step_mode(types.SimpleNamespace(cuda_graphs="off", compile=False), cuda, "eager (--cuda_graphs off)")
         assert not caught  # the CPU is eager by design; off is what was asked
-        report_step_mode(types.SimpleNamespace(cuda_graphs="auto"), cuda, eager)
-        report_step_mode(types.SimpleNamespace(cuda_graphs="on"), cpu, "eager (CUDA graphs need a CUDA device)")
+        report_step_mode(types.SimpleNamespace(cuda_graphs="auto", compile=False), cuda, eager)
+        report_step_mode(types.SimpleNamespace(cuda_graphs="on", compile=False), cpu, "eager (CUDA graphs need a CUDA device)")
     assert len(caught) == 2 and "crd" in str(caught[0].message)
     assert capsys.readouterr().out.count("training step: ") == 4
