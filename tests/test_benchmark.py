@@ -1,10 +1,12 @@
 """``scripts/benchmark.py`` (the ``scripts/bench`` package) in its ``--quick`` CPU configuration.
 
 One quick run as a script (shared by the tests below) writes ``benchmark.json`` (valid, every
-section filled, the ImageNet rows included) and ``benchmark.md`` (every section, the same
-text it prints, labelled a smoke run); its step rows carry the command line and the
-configuration ``helper.student.parse_config`` gives for it. Under a time budget the benchmark
-lists what it skipped instead of running over. No speed is asserted.
+section filled, the ImageNet rows and the whole-table sections included: epoch split, teacher
+cache, packed runs, projected cost) and ``benchmark.md`` (every section, the same text it
+prints, labelled a smoke run); its step rows carry the command line and the configuration
+``helper.student.parse_config`` gives for it. Under a time budget the benchmark lists what it
+skipped instead of running over. The cost projection's arithmetic is checked on a given table
+of rates. No speed is asserted.
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ from train_utils import REPO, subprocess_env
 from helper import distributed
 from helper.speed import CompiledOrEager
 from helper.student import parse_config
-from scripts.bench import cli, plan, timing
+from scripts.bench import cli, cost, measure_split, plan, timing
 from scripts.bench.targets import SMOKE
 
 SECTIONS = ("# Benchmark on ", "## Targets", "## Data pipeline", "## CRD negatives",
-            "## Training step", "## Whole epoch", "## ImageNet data pipeline", "## ImageNet training step")
+            "## Training step", "## Whole epoch", "## Epoch split", "## Teacher-output cache", "## Packed runs",
+            "## Projected cost of Tables 1 and 2", "## ImageNet data pipeline", "## ImageNet training step")
 
 
 def positive(stats: dict) -> bool:
@@ -65,7 +68,7 @@ def test_quick_run_writes_json_and_markdown(quick):
     assert math.isfinite(step["loss"]) and step["flops_per_step"] > 0
 
     (epoch,) = result["epoch"]
-    assert epoch["setting"] == "fp32" and epoch["steps_per_epoch"] == 2
+    assert epoch["setting"] == "fp32" and epoch["steps_per_epoch"] == 1
     assert positive(epoch["epoch_s"]) and epoch["projected_240_s"] > epoch["full_epoch_s"] > 0
 
     for heading in SECTIONS:
@@ -80,7 +83,8 @@ def test_quick_report_says_smoke_run_and_judges_nothing(quick):
     head, targets = markdown.split("## Targets", 1)
     assert SMOKE in head
     bullets = [line for line in targets.split("\n## ")[0].splitlines() if line.startswith("- ")]
-    assert len(bullets) >= 6  # CIFAR loader, CRD, epoch, loader share, ImageNet loader, step, 100 epochs
+    # CIFAR loader, CRD, epoch, loader share, flagship (live, cache), packing, cache, tables, ImageNet x3
+    assert len(bullets) >= 13
     for line in bullets:
         assert line.endswith(f" — {SMOKE}"), line
         assert "met" not in line.replace("not a measurement", "") and "target" not in line, line
@@ -146,7 +150,9 @@ def test_bad_section_or_setting_is_one_line(capsys, tmp_path):
     from scripts.benchmark import main
     for flags, words in ((["--sections", "data,bogus"], "unknown section(s) bogus"),
                          (["--imagenet_settings", "fp16"], "bad setting 'fp16'"),
-                         (["--imagenet_workers", "2,x"], "--imagenet_workers")):
+                         (["--imagenet_workers", "2,x"], "--imagenet_workers"),
+                         (["--packing_ks", "1,0"], "--packing_ks must be a comma list of positive integers"),
+                         (["--settings", "fp32+compile+eager"], "bad setting 'fp32+compile+eager'")):
         with pytest.raises(SystemExit) as stop:
             main(["--quick", "--device", "cpu", "--out", str(tmp_path), *flags])
         assert stop.value.code == 2
@@ -185,3 +191,106 @@ def test_compiled_property_reports_the_eager_fallback(monkeypatch):
     assert any("running eagerly" in str(w.message) for w in caught)
     with pytest.raises(AttributeError):
         wrapped.compiled = True
+
+
+def test_quick_whole_table_sections(quick):
+    _, result, markdown = quick
+    assert [r["setting"] for r in result["split"]] == ["fp32", "fp32+eager"]
+    for row in result["split"]:
+        assert row["step_mode"].startswith("eager") and row["steps_per_epoch"] == 1 and row["epochs"] == 1
+        assert ("--cuda_graphs" in row["argv"]) == row["setting"].endswith("+eager")
+        assert 0 < row["in_step_s"] < row["epoch_s"] and row["loop_s"] > 0 and row["checkpoint_s"] > 0
+        assert row["in_step_s"] + row["loop_s"] + row["checkpoint_s"] == pytest.approx(row["epoch_s"])
+        assert row["full_epoch_s"] == pytest.approx(row["full_in_step_s"] + row["full_outside_s"])
+
+    (cache,) = result["cache"]
+    assert (cache["pair"], cache["method"], cache["build_views"], cache["batch"]) == ("resnet8:resnet8", "wttm", 162, 4)
+    assert cache["speedup"] == pytest.approx(cache["live_ms"] / cache["cached_ms"]) and cache["build_views_per_s"] > 0
+    assert cache["full_build_s"] == pytest.approx(50000 * 162 / cache["build_views_per_s"])
+
+    (pack,) = result["packing"]  # one real calibration round (K = 2 starts a second process: tests/test_packing.py)
+    assert pack["ks"] == [1] and pack["stopped"] == {} and pack["pair"] == "resnet8:resnet8"
+    ((k, rate, ratio),) = [(r["k"], r["images_per_s"], r["ratio"]) for r in pack["rounds"]]
+    assert (k, ratio, pack["best_k"], pack["best_ratio"]) == (1, 1.0, 1, 1.0) and rate > 0
+    assert pack["argv"][:4] == ["--path_t", "unused.pth", "--model_s", "resnet8"] and "wttm" in pack["argv"]
+
+    costs = result["cost"]
+    tables = costs["tables"]
+    assert tables["runs"] == sum(c["runs"] for c in tables["cells"]) > 700 and tables["k"] == pack["best_k"]
+    assert {c["source"] for c in tables["cells"]} <= {"resnet8:resnet8 crd", "resnet8:resnet8 wttm"}
+    assert sorted(tables["teachers"]) == ["ResNet50", "resnet110", "resnet32x4", "resnet56", "vgg13", "wrn_40_2"]
+    assert costs["flagship"]["live_min"] == pytest.approx(result["split"][0]["projected_240_s"] / 60)
+    assert 0 < tables["device_hours"] and tables["live_alone_hours"] > 0
+    assert "| fp32+eager | eager |" in markdown and "reused: resnet8:resnet8" in markdown
+
+
+def test_cost_projection_arithmetic():
+    cells = [cost.CellRuns(1, "t:s", "WTTM", 2, True), cost.CellRuns(1, "t:s", "CRD", 1, False),
+             cost.CellRuns(2, "u:v", "KD", 1, True)]
+    rates = cost.Rates({("t:s", "wttm"): 100.0, ("t:s", "crd"): 200.0}, outside_s=10.0,
+                       packing={1: 1.0, 2: 1.5, 4: 1.6}, cache_ratio=0.5, build_views_per_s=1000.0, headline="t:s")
+    out = cost.project(cells, rates, epochs=2, n_train=640, batch=64, views_per_image=10)
+    # 10 steps per epoch: cached logit runs 2 x (10 x 0.1 s x 0.5 + 10) = 21 s, CRD 2 x (10 x 0.2 + 10) = 24 s
+    assert [c["run_s"] for c in out["cells"]] == pytest.approx([21.0, 24.0, 21.0])
+    assert [(c["source"], c["measured"], c["cached"]) for c in out["cells"]] == \
+        [("t:s wttm", True, True), ("t:s crd", True, False), ("t:s wttm", False, True)]
+    assert out["live_alone_hours"] == pytest.approx((2 * 22 + 24 + 22) / 3600)
+    assert out["alone_hours"] == pytest.approx((2 * 21 + 24 + 21) / 3600)
+    # K = 4 (1.6x; 1.5x at K = 2 is more than 3 % slower): each run takes 2.5x its time alone
+    assert (out["k"], out["ratio"], out["runs"]) == (4, 1.6, 4)
+    build = 2 * 640 * 10 / 1000.0  # teachers t and u, 6,400 views each
+    assert out["build_s"] == pytest.approx(build) and out["teachers"] == ["t", "u"]
+    assert out["device_hours"] == pytest.approx((87 * 2.5 / 4 + build) / 3600)
+    assert out["wall_s"] == pytest.approx(24 * 2.5 + build)
+    without = cost.project(cells, cost.Rates(rates.step_ms, headline="t:s"), epochs=2, n_train=640, batch=64)
+    # no outside time, no cache, no packing: 2 x 10 steps x 0.1 s (WTTM, KD) or 0.2 s (CRD)
+    assert (without["k"], without["build_s"], without["teachers"]) == (1, 0.0, [])
+    assert without["device_hours"] == pytest.approx((2 * 2 + 4 + 2) / 3600) and without["wall_s"] == pytest.approx(10.0)
+
+
+def test_rate_source_prefers_the_pair_then_its_networks():
+    measured = {("a:s", "crd"): 1.0, ("b:y", "kd"): 1.0, ("h:z", "wttm"): 1.0, ("a:s", "kd"): 1.0}
+    assert cost.rate_source("a:s", "CRD", measured, "h:z") == ("a:s", "crd")
+    assert cost.rate_source("a:s", "WTTM+CRD", measured, "h:z") == ("a:s", "crd")
+    assert cost.rate_source("a:s", "DIST", measured, "h:z") == ("a:s", "kd")  # a logit stand-in on the pair
+    assert cost.rate_source("q:s", "KD", measured, "h:z") == ("a:s", "kd")  # same student
+    assert cost.rate_source("b:q", "WTTM", measured, "h:z") == ("b:y", "kd")  # same teacher
+    assert cost.rate_source("p:q", "WTTM", measured, "h:z") == ("h:z", "wttm")  # the headline
+    with pytest.raises(ValueError):
+        cost.rate_source("a:s", "KD", {}, "a:s")
+
+
+def test_split_figures_and_full_epoch():
+    figures = measure_split.split_figures(12.0, [5.0, 5.0], [3.0, 5.0], 20)  # two epochs: wall 6 s each
+    assert figures == pytest.approx({"epoch_s": 6.0, "in_step_s": 4.0, "loop_s": 1.0, "checkpoint_s": 1.0,
+                                     "outside_s": 2.0, "in_step_share": 4 / 6, "ms_per_step": 400.0})
+    row = {**figures, "train_images": 5000, "first_epoch_s": 9.0}
+    full = measure_split.full_epoch(row)
+    assert full["full_in_step_s"] == pytest.approx(782 * 0.4)
+    assert full["full_outside_s"] == pytest.approx(1.0 * 10 + 1.0)  # the loop scales with the images
+    assert full["projected_240_s"] == pytest.approx(240 * (782 * 0.4 + 11.0) + 3.0)
+
+
+def test_whole_table_sections_skip_under_the_budget(tmp_path):
+    result = cli.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--budget_s", "0.001",
+                       "--sections", "split,cache,packing,cost"])
+    assert result["split"] == result["cache"] == result["packing"] == [] and result["cost"] is None
+    assert result["skipped"] == ["epoch split fp32 (time budget)", "epoch split fp32+eager (time budget)",
+                                 "teacher cache resnet8:resnet8 wttm (time budget)",
+                                 "packing resnet8:resnet8 wttm (time budget)",
+                                 "cost projection (no step time was measured)"]
+    assert "Nothing to project" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_eager_setting_is_cuda_graphs_off():
+    setting = timing.Setting.parse("bf16+cl+eager")
+    assert setting.name == "bf16+cl+eager" and setting.flags()[-2:] == ["--cuda_graphs", "off"]
+    assert "--cuda_graphs" not in timing.Setting.parse("fp32").flags()
+    for bad in ("fp32+compile+eager", "fp32+cg+eager"):
+        with pytest.raises(ValueError):
+            timing.Setting.parse(bad)
+    head = "resnet32x4:resnet8x4"
+    eager = plan.priority(head, "wttm", timing.Setting.parse("fp32+eager"), head)
+    assert eager == plan.priority(head, "wttm", timing.Setting.parse("bf16+cl+compile"), head) == 1
+    assert plan.priority("vgg13:vgg8", "kd", timing.Setting.parse("fp32+eager"), head) > \
+        plan.priority("vgg13:vgg8", "kd", timing.Setting.parse("fp32"), head)

@@ -14,6 +14,7 @@ import torch
 
 from errors import UserError
 from helper import distributed
+from scripts.bench.measure_packing import packing_ks
 from scripts.bench.plan import Budget
 from scripts.bench.report import header, write_outputs
 from scripts.bench.sections import SECTIONS, Bench, run_all
@@ -24,6 +25,8 @@ PAIRS = ("resnet32x4:resnet8x4", "wrn_40_2:wrn_16_2", "vgg13:vgg8", "ResNet50:Mo
 METHODS = ("kd", "wttm", "crd", "dkd", "itrd")
 EAGER = ("fp32", "fp32+cl", "bf16", "bf16+cl")
 COMPILED = tuple(s + "+compile" for s in EAGER)
+# EAGER's points replay a CUDA graph on CUDA (the scripts' default); these are their eager baseline.
+GRAPHS_OFF = ("fp32+eager", "bf16+cl+eager")
 # +cudnn is not a flag of the scripts; +cg is --compile --compile_mode reduce-overhead.
 EXPERIMENTAL = ("fp32+cudnn", "bf16+cl+cudnn", "bf16+cl+cg", "fp32+cg")
 # CPU: no bf16 by default; without AVX-512 it is emulated (a 17-step bf16 row had not finished
@@ -31,10 +34,11 @@ EXPERIMENTAL = ("fp32+cudnn", "bf16+cl+cudnn", "bf16+cl+cg", "fp32+cg")
 IMAGENET_SETTINGS = {"cuda": "fp32,bf16,bf16+cl,bf16+cl+compile", "cpu": "fp32,fp32+cl"}
 QUICK = dict(pairs="resnet8:resnet8", methods="crd", settings="fp32", warmup=1, steps=1, repeats=2,
              step_images=256, loader_images=256, loader_repeats=2, ref_images=128, ref_workers=1,
-             crd_images=2000, crd_k=256, crd_repeats=3, ref_crd_repeats=2, epoch_images=128,
+             crd_images=2000, crd_k=256, crd_repeats=3, ref_crd_repeats=2, epoch_images=64,
              epoch_repeats=1, nce_k=128, imagenet_pair="resnet18:resnet18", imagenet_batch=2,
              imagenet_steps=1, imagenet_settings="fp32", imagenet_images=8, imagenet_files=8,
-             imagenet_workers="1")
+             imagenet_workers="1", packing_ks="1", packing_steps=1, packing_warmup=1, cache_images=4,
+             cache_build_images=1, cache_steps=2)
 INT_FLAGS = (
     ("warmup", 3, "warm-up steps (timed apart, twice)"), ("steps", 25, "steps per timed repeat"),
     ("repeats", 5, "timed repeats per setting"), ("step_images", 50000, "data set size behind the steps (CRD memory)"),
@@ -43,19 +47,30 @@ INT_FLAGS = (
     ("ref_workers", None, "its DataLoader workers (default min(8, CPUs), the seed's 8)"),
     ("crd_images", 50000, "N of the CRD sampling test"), ("crd_k", 16384, "K of the CRD sampling test"),
     ("crd_repeats", 20, "timed draws of ours"), ("ref_crd_repeats", 5, "timed batches of the reference"),
-    ("epoch_images", None, "training images of the epoch section (test: 1/5); 0 skips it "
+    ("epoch_images", None, "training images of the epoch and split sections (test: 1/5); 0 skips them "
                            "(default 50000 on CUDA, 2048 on CPU)"),
     ("epoch_repeats", 2, "timed epochs after the warm-up epoch"),
     ("nce_k", None, "override CRD's --nce_k in the step grid"),
     ("imagenet_batch", None, "batch of the ImageNet step (default 64 on CUDA, 8 on CPU)"),
     ("imagenet_steps", None, "ImageNet steps per timed repeat (default 20 on CUDA, 2 on CPU)"),
     ("imagenet_images", None, "training-split entries of the ImageNet loader rows (default 4096 on CUDA, 512 on CPU)"),
-    ("imagenet_files", 256, "distinct JPEGs among them (the rest are hard links)"))
+    ("imagenet_files", 256, "distinct JPEGs among them (the rest are hard links)"),
+    ("packing_steps", None, "steps each packed process times per round (default 30 on CUDA, 3 on CPU)"),
+    ("packing_warmup", None, "warm-up steps of each packed process (default 5 on CUDA, 1 on CPU)"),
+    ("cache_images", 64, "training images behind the cached-vs-live step (its batch: min(64, this))"),
+    ("cache_build_images", None, "images whose 162 views each time the cache build "
+                                 "(default 1024 on CUDA, 4 on CPU)"),
+    ("cache_steps", None, "timed steps of each of the cached and live steps (default 25 on CUDA, 5 on CPU)"))
+# Defaults that depend on the device: (CUDA, CPU).
+DEVICE_DEFAULTS = {"epoch_images": (50000, 2048), "imagenet_batch": (64, 8), "imagenet_steps": (20, 2),
+                   "imagenet_images": (4096, 512), "packing_steps": (30, 3), "packing_warmup": (5, 1),
+                   "cache_build_images": (1024, 4), "cache_steps": (25, 5)}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Speed benchmark: data pipelines, training step, whole epoch, "
-                                            "CRD negative sampling, and the ImageNet loader and step.")
+    p = argparse.ArgumentParser(description="Speed benchmark: data pipelines, training step, whole epoch and its "
+                                            "step/outside split, CRD negative sampling, teacher cache, packed "
+                                            "runs, projected table cost, and the ImageNet loader and step.")
     p.add_argument("--out", default="bench", help="folder for benchmark.json and benchmark.md")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--quick", action="store_true",
@@ -67,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", default=None, help=f"teacher:student list (default {','.join(PAIRS)})")
     p.add_argument("--methods", default=None, help=f"method list (default {','.join(METHODS)})")
     p.add_argument("--settings", default=None,
-                   help="<fp32|bf16>[+cl][+compile|+cg][+cudnn] list (default: the 8-point grid plus "
-                        f"{','.join(EXPERIMENTAL)} on CUDA; the 4 eager points on CPU)")
+                   help="<fp32|bf16>[+cl][+compile|+cg|+eager][+cudnn] list (default: the 8-point grid plus "
+                        f"{','.join(GRAPHS_OFF + EXPERIMENTAL)} on CUDA; the 4 uncompiled points on CPU)")
     p.add_argument("--headline", default=None, help="pair of the epoch section (default: the first pair)")
     p.add_argument("--grid", default="full", choices=("full", "headline"),
                    help="headline: every setting on the headline pair, only the first setting on the others")
@@ -81,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imagenet_workers", default=None,
                    help="comma list of ImageNet loader worker counts "
                         "(default: the three largest of 1,2,4,8,16 up to the CPU count)")
+    p.add_argument("--packing_ks", default=None,
+                   help="comma list of packed-run counts K (default 1,2,4,8,16; on the CPU up to its cores)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's); 1 gives steadier numbers on a shared CPU")
     p.add_argument("--peak_tflops", type=float, default=None, help="peak for the FLOP floor (default: H100/H200 table)")
@@ -111,15 +128,14 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device) -> set[str]
     cuda = device.type == "cuda"
     args.pairs = args.pairs or ",".join(PAIRS)
     args.methods = args.methods or ",".join(METHODS)
-    args.settings = args.settings or ",".join(EAGER + (COMPILED + EXPERIMENTAL if cuda else ()))
+    args.settings = args.settings or ",".join(EAGER + (COMPILED + GRAPHS_OFF + EXPERIMENTAL if cuda else ()))
     args.headline = args.headline or args.pairs.split(",")[0]
     args.budget_s = (420.0 if cuda else 0.0) if args.budget_s is None else args.budget_s
     args.ref_workers = min(8, os.cpu_count() or 1) if args.ref_workers is None else args.ref_workers
-    args.epoch_images = (50000 if cuda else 2048) if args.epoch_images is None else args.epoch_images
+    for key, (on_cuda, on_cpu) in DEVICE_DEFAULTS.items():
+        if getattr(args, key) is None or (key != "epoch_images" and not getattr(args, key)):
+            setattr(args, key, on_cuda if cuda else on_cpu)
     args.imagenet_settings = args.imagenet_settings or IMAGENET_SETTINGS["cuda" if cuda else "cpu"]
-    args.imagenet_batch = args.imagenet_batch or (64 if cuda else 8)
-    args.imagenet_steps = args.imagenet_steps or (20 if cuda else 2)
-    args.imagenet_images = args.imagenet_images or (4096 if cuda else 512)
     counts = [w for w in (1, 2, 4, 8, 16) if w <= (os.cpu_count() or 1)] or [1]
     args.imagenet_workers = args.imagenet_workers or ",".join(str(w) for w in counts[-3:])
     sections = {"imagenet"} if args.imagenet else {s for s in args.sections.split(",") if s}
@@ -128,6 +144,7 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device) -> set[str]
             raise ValueError(f"unknown section(s) {', '.join(sorted(sections - set(SECTIONS)))}; "
                              f"choose from {', '.join(SECTIONS)}")
         parse_settings(args.settings), parse_settings(args.imagenet_settings)
+        packing_ks(args.packing_ks, cuda)
         if not all(w.strip().isdigit() for w in str(args.imagenet_workers).split(",")):
             raise ValueError(f"--imagenet_workers must be a comma list of non-negative integers, "
                              f"got {args.imagenet_workers!r}")
@@ -150,6 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     given = list(sys.argv[1:] if argv is None else argv)
     result: dict[str, Any] = {"header": header(device, given), "smoke": bool(args.quick), "sections": sorted(sections),
                               "args": vars(args), "loader": [], "crd": [], "steps": [], "epoch": [],
+                              "split": [], "cache": [], "packing": [], "cost": None,
                               "imagenet": {"files": None, "loader": [], "steps": []},
                               "skipped": [], "errors": []}
     with tempfile.TemporaryDirectory(prefix="kd-bench-") as save_root:

@@ -96,7 +96,7 @@ def project(cells: Sequence[CellRuns], rates: Rates, epochs: int = 240, n_train:
 
     Returns:
         ``runs``, ``k`` (runs per device), ``ratio`` (aggregate over one run at K),
-        ``gpu_hours`` and ``wall_s`` (packed, with the cache build), ``build_s`` and
+        ``device_hours`` and ``wall_s`` (packed, with the cache build), ``build_s`` and
         ``teachers`` (the cache builds), ``alone_hours`` (one run at a time, with the cache),
         ``live_alone_hours`` (one at a time, no cache), and ``cells``: per cell its rate
         source, run seconds and runs.
@@ -121,7 +121,7 @@ def project(cells: Sequence[CellRuns], rates: Rates, epochs: int = 240, n_train:
                          cell.method, cell.method.lower())), "cached": use_cache, "run_s": seconds})
     est = packing.estimate(work, k, k)
     build_s = len(teachers) * n_train * views_per_image / rates.build_views_per_s if cache else 0.0
-    return {"runs": len(work), "k": k, "ratio": rates.packing[k], "gpu_hours": est.device_hours + build_s / 3600,
-            "wall_s": est.wall_s + build_s, "build_s": build_s, "teachers": teachers,
+    return {"runs": len(work), "k": k, "ratio": rates.packing[k], "wall_s": est.wall_s + build_s,
+            "device_hours": est.device_hours + build_s / 3600, "build_s": build_s, "teachers": teachers,
             "alone_hours": sum(r["runs"] * r["run_s"] for r in rows) / 3600, "live_alone_hours": live_s / 3600,
             "cells": rows}

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from scripts.bench import report_table_cost as table_cost
 from scripts.bench import targets as goals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,7 +78,11 @@ def render(result: dict[str, Any]) -> str:
               f"Command: `python scripts/benchmark.py {' '.join(h['argv'])}`", "", "## Targets", ""]
     lines += goals.target_lines(result) + [""]
     sections = set(result["sections"])
-    lines += _cifar_tables(result, sections) + (_imagenet_tables(result) if "imagenet" in sections else [])
+    lines += _cifar_tables(result, sections)
+    for name, part in (("split", table_cost.split_lines), ("cache", table_cost.cache_lines),
+                       ("packing", table_cost.packing_lines), ("cost", table_cost.cost_lines)):
+        lines += part(result, _table) if name in sections else []
+    lines += _imagenet_tables(result) if "imagenet" in sections else []
     for title, key in (("Skipped", "skipped"), ("Errors", "errors")):
         if result[key]:
             lines += [f"## {title}", ""] + [f"- {item}" for item in result[key]] + [""]

@@ -2,8 +2,10 @@
 
 Order (see :func:`run_all`): CIFAR data pipeline, CRD sampling, ImageNet loader, the CIFAR
 step grid's priority 0-1 items, the epoch section (which picks the fastest headline setting
-from them), the ImageNet step, then the rest of the CIFAR grid. The result is saved after
-every item, so a killed run leaves what it had.
+from them), the epoch split, the grid's priority-2 items (the other pairs' default setting,
+which the cost projection reads), the teacher cache, packing, the ImageNet step, the rest of
+the CIFAR grid, and last the cost projection (arithmetic on what was measured). The result
+is saved after every item, so a killed run leaves what it had.
 """
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from helper import distributed
-from scripts.bench import measure_crd, measure_epoch, measure_imagenet, measure_loader, measure_step
+from scripts.bench import (measure_cache, measure_cost, measure_crd, measure_epoch, measure_imagenet,
+                           measure_loader, measure_packing, measure_split, measure_step)
 from scripts.bench.imagenet_files import write_ilsvrc_folder
 from scripts.bench.plan import Budget, PlanItem, epoch_reserve, run_item, step_plan
 from scripts.bench.timing import Clock, Setting, parse_settings
 
-SECTIONS = ("data", "crd", "steps", "epoch", "imagenet")
+SECTIONS = ("data", "crd", "steps", "epoch", "split", "cache", "packing", "cost", "imagenet")
+SPLIT_SETTINGS = ("fp32", "fp32+eager")  # the scripts' default (a CUDA graph on CUDA) and --cuda_graphs off
 
 
 @dataclass
@@ -65,9 +69,20 @@ def run_all(bench: Bench, sections: set[str]) -> None:
     run_steps(bench, plan, 1, data)
     if "epoch" in sections:
         run_epochs(bench)
+    if "split" in sections:
+        run_split(bench)
+    run_steps(bench, plan, 2, data)
+    if "cache" in sections:
+        run_once(bench, "cache", f"teacher cache {args.headline} wttm",
+                 lambda: measure_cache.cache_row(args.headline, "wttm", bench.env, args))
+    if "packing" in sections:
+        run_once(bench, "packing", f"packing {args.headline} wttm",
+                 lambda: measure_packing.packing_row(args.headline, "wttm", bench.env, args))
     if "imagenet" in sections:
         run_imagenet_steps(bench)
     run_steps(bench, plan, 99, data)
+    if "cost" in sections:
+        run_cost(bench)
 
 
 def run_data(bench: Bench, data: Any) -> None:
@@ -129,6 +144,49 @@ def run_epochs(bench: Bench) -> None:
         if row is not None:
             result["epoch"].append(row)
         bench.save()
+
+
+def run_split(bench: Bench) -> None:
+    """The headline WTTM run's epochs under ``fit``, split into step and outside, for the
+    default setting and ``--cuda_graphs off``."""
+    args, result = bench.args, bench.result
+    if args.epoch_images <= 0:
+        bench.skip("epoch split", "--epoch_images 0")
+        return
+    data = measure_loader.synthetic_data(args.epoch_images, args.epoch_images // 5).to(bench.env.device)
+    for name in SPLIT_SETTINGS:
+        setting = Setting.parse(name)
+        if bench.budget.left() < epoch_reserve({"steps": result["steps"], "epoch": []}, args) / 2:
+            bench.skip(f"epoch split {name}")
+            continue
+        row = bench.item(f"epoch split {name}", lambda: measure_split.split_row(setting, bench.env, data, args,
+                                                                                 bench.clock))
+        if row is not None:
+            result["split"].append(row)
+        bench.save()
+
+
+def run_once(bench: Bench, kind: str, name: str, fn: Callable[[], Any]) -> None:
+    """One item of the ``kind`` section (``cache``, ``packing``) when the budget allows it."""
+    if not bench.budget.fits(kind):
+        bench.skip(name)
+        return
+    start = time.perf_counter()
+    row = bench.item(name, fn)
+    bench.budget.record(kind, time.perf_counter() - start)
+    if row is not None:
+        bench.result[kind].append(row)
+    bench.save()
+
+
+def run_cost(bench: Bench) -> None:
+    """The projected cost of Tables 1 and 2 and of the flagship run, from what was measured."""
+    errors = len(bench.result["errors"])
+    cost = bench.item("cost projection", lambda: measure_cost.cost_section(bench.result, bench.args.headline))
+    if cost is None and len(bench.result["errors"]) == errors:
+        bench.skip("cost projection", "no step time was measured")
+    bench.result["cost"] = cost
+    bench.save()
 
 
 def run_imagenet_loader(bench: Bench) -> None:

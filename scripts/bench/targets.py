@@ -8,9 +8,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 SMOKE = "smoke run (--quick): not a measurement"
-# CIFAR (issue 7) and ImageNet (issue 8, section 6) targets.
+# CIFAR (issue 7), ImageNet (issue 8, section 6) and whole-table (issue 10) targets.
 CIFAR_LOADER_RATIO, CRD_RATIO, CIFAR_EPOCH_S = 20.0, 50.0, 1.5
 IMAGENET_LOADER, IMAGENET_STEP, IMAGENET_100_EPOCHS_H = 4000.0, 3000.0, 12.0
+FLAGSHIP_PAIR, FLAGSHIP_MIN, FLAGSHIP_STRETCH_MIN = "resnet32x4:resnet8x4", 8.0, 5.0
+PACKING_RATIO, TABLES_GPU_HOURS, CACHE_SPEEDUP_CPU = 6.0, 36.0, 1.8
 
 
 def judged(result: dict[str, Any], target: str, met: bool) -> str:
@@ -37,7 +39,7 @@ def _workers(n: int) -> str:
 
 def target_lines(result: dict[str, Any]) -> list[str]:
     """One Markdown bullet per target the run has figures for."""
-    return _cifar_lines(result) + _imagenet_lines(result)
+    return _cifar_lines(result) + _table_lines(result) + _imagenet_lines(result)
 
 
 def _cifar_lines(result: dict[str, Any]) -> list[str]:
@@ -65,6 +67,55 @@ def _cifar_lines(result: dict[str, Any]) -> list[str]:
         tail = SMOKE if result.get("smoke") else "target: not the bottleneck"
         out.append(f"- CIFAR loader share of (loader + step) time: {100 * min(shares):.2f}–"
                    f"{100 * max(shares):.2f} % over the step rows — {tail}")
+    return out
+
+
+def _flagship_tail(result: dict[str, Any], minutes: float) -> str:
+    tail = judged(result, f"≤ {FLAGSHIP_MIN:.0f} min (stretch {FLAGSHIP_STRETCH_MIN:.0f})", minutes <= FLAGSHIP_MIN)
+    if tail.endswith("**met**"):
+        tail += f"; stretch: **{'met' if minutes <= FLAGSHIP_STRETCH_MIN else 'not met'}**"
+    return tail
+
+
+def _cache_tail(result: dict[str, Any], row: dict[str, Any]) -> str:
+    """The cache target is stated for the CPU and the flagship pair: judged there only."""
+    if result.get("smoke"):
+        return SMOKE
+    if result["header"]["device_type"] == "cuda":
+        return f"the ≥ {CACHE_SPEEDUP_CPU}× target is the CPU's; no CUDA target"
+    if row["pair"] != FLAGSHIP_PAIR:
+        return f"target ≥ {CACHE_SPEEDUP_CPU}× is for {FLAGSHIP_PAIR}; not judged"
+    met = row["speedup"] >= CACHE_SPEEDUP_CPU
+    return f"target ≥ {CACHE_SPEEDUP_CPU}× on the CPU: **{'met' if met else 'not met'}**"
+
+
+def _table_lines(result: dict[str, Any]) -> list[str]:
+    """Issue 10's whole-table figures: the flagship run, packing, cache, Tables 1 + 2."""
+    out = []
+    cost = result.get("cost") or {}
+    ship = cost.get("flagship")
+    if ship:
+        name = f"Flagship {ship['pair']} WTTM run alone ({ship['setting']}"
+        out.append(f"- {name}, live teacher): **{ship['live_min']:,.1f} min** for 240 epochs, from the epoch "
+                   f"split — {_flagship_tail(result, ship['live_min'])}")
+        if "cached_min" in ship:
+            out.append(f"- {name}, teacher cache): **{ship['cached_min']:,.1f} min**, the split's in-step time "
+                       f"× the cached/live ratio {ship['cache_ratio']:.2f} — "
+                       + _flagship_tail(result, ship["cached_min"]))
+    for row in result.get("packing", []):
+        if row.get("best_ratio") is not None:
+            out.append(f"- Packed runs ({row['pair']} WTTM, {len(row['rounds'])} K measured): best K = "
+                       f"{row['best_k']}, **{row['best_ratio']:.2f}×** one run's images/s — "
+                       + judged(result, f"≥ {PACKING_RATIO:.0f}× at the best K", row["best_ratio"] >= PACKING_RATIO))
+    for row in result.get("cache", []):
+        out.append(f"- Teacher cache ({row['pair']} {row['method']}, batch {row['batch']}): cached step "
+                   f"**{row['speedup']:.2f}×** faster than the live one — {_cache_tail(result, row)}")
+    tables = cost.get("tables")
+    if tables:
+        hours, unit = tables["device_hours"], "GPU" if result["header"]["device_type"] == "cuda" else "CPU"
+        out.append(f"- Tables 1 + 2 ({tables['runs']} runs): **{hours:,.1f} {unit}-hours** projected (K = "
+                   f"{tables['k']} per {unit}, cache for {len(tables['teachers'])} teachers) — "
+                   + judged(result, f"≤ {TABLES_GPU_HOURS:.0f} GPU-hours", hours <= TABLES_GPU_HOURS))
     return out
 
 
