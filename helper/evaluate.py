@@ -33,10 +33,8 @@ def evaluate(model: nn.Module, loader: Iterable, precision: str = "fp32",
     model.eval()
     totals = None
     count = 0
-    device = None
     try:
         for images, labels, _ in loader:
-            device = images.device
             with autocast(images.device, precision):
                 logits = model(images.contiguous(memory_format=memory_format))
             logits = logits.float()

@@ -2,7 +2,6 @@
 arithmetic, the calibration cache, MPS detection, and a real (tiny, CPU) calibration."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -15,18 +14,12 @@ sys.path.insert(0, REPO)
 
 from errors import UserError  # noqa: E402
 from helper.tables import calibrate, pack_plan, packing  # noqa: E402
+from train_utils import load_script  # noqa: E402
 from helper.tables.gpu_slots import Slot  # noqa: E402
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_packing_{name}", os.path.join(REPO, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
-
-reproduce = _script("reproduce")
+reproduce = load_script("reproduce")
 
 
 class FakePool:

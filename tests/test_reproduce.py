@@ -9,7 +9,6 @@ trial, and the submitit path.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import shlex
@@ -24,18 +23,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from helper.tables import recipes, trial_lock  # noqa: E402
+from train_utils import load_script  # noqa: E402
 
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", os.path.join(REPO, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-reproduce = _script("reproduce")
-summarize = _script("summarize")
+reproduce = load_script("reproduce")
+summarize = load_script("summarize")
 
 
 def _dry_run(capsys, *argv: str) -> list[list[str]]:

@@ -3,7 +3,6 @@ of ``reproduce.py --table imagenet``, and ``summarize.py`` beside the paper's Im
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import shlex
@@ -15,17 +14,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from helper.tables import recipes, recipes_imagenet  # noqa: E402
+from train_utils import load_script  # noqa: E402
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_imagenet_{name}", os.path.join(REPO, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
-
-reproduce, summarize = _script("reproduce"), _script("summarize")
+reproduce, summarize = load_script("reproduce"), load_script("summarize")
 R34, R50 = "resnet34:resnet18", "resnet50:mobilenet_v1"
 PAPER = {  # the official README's ImageNet table (teacher, student, KD, CRD, ReviewKD, ITRD, DKD, DIST, WTTM)
     R34: [73.31, 69.76, 70.66, 71.17, 71.61, 71.68, 71.70, 72.07, 72.19],

@@ -9,7 +9,6 @@ the real one does.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -24,20 +23,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from helper.tables import gpu_slots, packing, recipes, trial_lock, trial_progress  # noqa: E402
+from train_utils import load_script  # noqa: E402
 from helper.tables.slurm_runner import slurm_job_function  # noqa: E402
 from helper.tables.trial_plan import paper_method  # noqa: E402
 from errors import UserError  # noqa: E402
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_runner_{name}", os.path.join(REPO, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
-
-reproduce = _script("reproduce")
+reproduce = load_script("reproduce")
 
 FAKE = r'''
 import argparse, json, os, sys, time

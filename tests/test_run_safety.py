@@ -20,7 +20,7 @@ from distiller_zoo import METHODS
 from helper import distributed, resume
 from helper.config import option_names
 from helper.student import build_parser, default_run_name, parse_config
-from train_utils import assert_one_line_error, digits_teacher, install_small_digits, read_metrics
+from train_utils import assert_one_line_error, digits_teacher, read_metrics
 
 ENV = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -30,13 +30,7 @@ def teacher(tmp_path_factory) -> str:
     return digits_teacher(tmp_path_factory, pytest.MonkeyPatch)
 
 
-@pytest.fixture(autouse=True)
-def small_digits(monkeypatch):
-    install_small_digits(monkeypatch)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("small_digits")
 
 
 def args(teacher: str, root: Path, *extra: str) -> list[str]:

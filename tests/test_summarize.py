@@ -7,7 +7,6 @@ computed from the files in the test.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import statistics
@@ -20,17 +19,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from helper.tables import run_groups  # noqa: E402
+from train_utils import load_script  # noqa: E402
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_summary_{name}", os.path.join(REPO, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
-
-summarize = _script("summarize")
+summarize = load_script("summarize")
 
 BASE = {"model_t": "resnet32x4", "model_s": "resnet8x4", "distill": "wttm", "add": "kd", "gamma": 1.0,
         "alpha": 0.0, "beta": 3.0, "ttm_l": 0.1, "kd_T": 4.0, "epochs": 3, "dataset": "cifar100",

@@ -21,7 +21,7 @@ import helper.student
 import train_student
 from distiller_zoo import METHODS
 from helper.distill import teacher_arch_from_path
-from train_utils import (TEACHER_ARCH, assert_one_line_error, digits_teacher, install_small_digits, load,
+from train_utils import (TEACHER_ARCH, assert_one_line_error, digits_teacher, load,
                          read_metrics)
 
 NUM_CLASSES = 10
@@ -53,13 +53,7 @@ def teacher(tmp_path_factory) -> str:
     return digits_teacher(tmp_path_factory, pytest.MonkeyPatch)
 
 
-@pytest.fixture(autouse=True)
-def small_digits(monkeypatch):
-    install_small_digits(monkeypatch)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster and repeatable
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("small_digits")
 
 
 def student_args(teacher: str, root, student: str = "resnet8", *extra: str) -> list[str]:

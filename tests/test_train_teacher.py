@@ -22,19 +22,13 @@ import torch
 import models
 import helper.teacher_run
 import train_teacher
-from train_utils import (METRIC_COLUMNS, assert_one_line_error, install_small_digits, launcher_command,
+from train_utils import (METRIC_COLUMNS, assert_one_line_error, launcher_command,
                          load, read_metrics, subprocess_env)
 
 NUM_CLASSES = 10  # digits
 
 
-@pytest.fixture(autouse=True)
-def small_digits(monkeypatch):
-    install_small_digits(monkeypatch)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster and repeatable
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("small_digits")
 
 
 def teacher_args(root, *extra: str, model: str = "resnet8") -> list[str]:

@@ -19,10 +19,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -128,6 +127,20 @@ def assert_one_line_error(stderr: str) -> str:
     assert len(lines) == 1, stderr
     assert lines[0].startswith("error: "), stderr
     return lines[0]
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module, once per test session (tests call its
+    ``main`` only)."""
+    import importlib.util
+
+    module_name = f"_script_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
 
 
 def _launch(argv: Sequence[str]) -> None:
