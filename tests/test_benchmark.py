@@ -4,8 +4,8 @@ One quick run as a script (shared by the tests below) writes ``benchmark.json`` 
 section filled, the ImageNet rows and the whole-table sections included: epoch split, teacher
 cache, packed runs, projected cost) and ``benchmark.md`` (every section, the same text it
 prints, labelled a smoke run); its step rows carry the command line and the configuration
-``helper.student.parse_config`` gives for it. Under a time budget the benchmark lists what it
-skipped instead of running over. The cost projection's arithmetic is checked on a given table
+``helper.student_flags.parse_config`` gives for it. Under a time budget the benchmark lists
+what it skipped instead of running over. The cost projection's arithmetic is checked on a given table
 of rates. No speed is asserted.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from train_utils import REPO, subprocess_env
 
 from helper import distributed
 from helper.speed import CompiledOrEager
-from helper.student import parse_config
+from helper.student_flags import parse_config
 from scripts.bench import cli, cost, measure_split, plan, timing
 from scripts.bench.targets import SMOKE
 

@@ -20,7 +20,8 @@ from dataset.loader import DeviceLoader
 from helper import distributed
 from helper.graph_step import GraphedStep, StateSnapshot, graph_plan
 from helper.step import unpack
-from helper.student import assemble_step, build_objective, parse_config
+from helper.student import assemble_step, build_objective
+from helper.student_flags import parse_config
 
 ENV = distributed.DistEnv(0, 1, 0, torch.device("cpu"))
 

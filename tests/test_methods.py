@@ -26,7 +26,7 @@ from helper.distill import (DistillObjective, FrozenTeacher, method_context, res
                             student_outputs)
 from errors import UserError
 from helper.init_stage import run_init_stage
-from helper.student import build_parser, parse_config
+from helper.student_flags import build_parser, parse_config
 from helper.tables.recipes import load_cells
 
 NAMES = METHODS.names()

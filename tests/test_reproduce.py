@@ -136,7 +136,7 @@ def test_flags_agree_with_the_recipe_commands():
 
 
 def test_every_flag_is_one_train_student_accepts():
-    from helper.student import build_parser
+    from helper.student_flags import build_parser
     parser = build_parser()
     seen = set()
     for cell in recipes.load_cells():

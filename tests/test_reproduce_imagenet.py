@@ -91,7 +91,7 @@ def test_every_value_names_a_known_source_and_every_key_is_a_flag(tmp_path):
 
 
 def test_every_imagenet_command_is_one_train_student_accepts():
-    from helper.student import build_parser
+    from helper.student_flags import build_parser
     parser = build_parser()
     for cell in recipes_imagenet.load_imagenet_cells():
         if cell.runnable:

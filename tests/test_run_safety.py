@@ -19,7 +19,7 @@ import train_student
 from distiller_zoo import METHODS
 from helper import distributed, resume
 from helper.config import option_names
-from helper.student import build_parser, default_run_name, parse_config
+from helper.student_flags import build_parser, default_run_name, parse_config
 from train_utils import assert_one_line_error, digits_teacher, read_metrics
 
 ENV = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

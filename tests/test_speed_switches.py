@@ -25,7 +25,8 @@ from dataset.base import CIFAR100_MEAN, CIFAR100_STD, ImageDataset
 from dataset.loader import DeviceLoader
 from helper import distributed, speed
 from helper.loop import Trainer
-from helper.student import assemble_step, build_objective, parse_config
+from helper.student import assemble_step, build_objective
+from helper.student_flags import parse_config
 from train_utils import digits_teacher, install_small_digits, load, read_metrics
 
 N_TRAIN, N_TEST = 96, 50

@@ -27,7 +27,8 @@ from dataset.views import decode_views, encode_views, views_per_image
 from helper.config import Config
 from helper.distill import FrozenTeacher
 from helper.distributed import DistEnv
-from helper.student import build_objective, parse_config
+from helper.student import build_objective
+from helper.student_flags import parse_config
 from helper.teacher_cache.build import build_cache
 from helper.teacher_cache.store import CacheKey, build_lock, cache_paths, check_cache, open_table
 from train_utils import install_small_digits, read_metrics, shrink

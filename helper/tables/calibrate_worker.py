@@ -2,7 +2,7 @@
 
     python -m helper.tables.calibrate_worker --spec DIR/spec.json --index I --first_round R
 
-The step is built as ``train_student.py`` builds it (``helper.student.parse_config``,
+The step is built as ``train_student.py`` builds it (``helper.student_flags.parse_config``,
 ``build_objective``, ``assemble_step``) and driven by ``helper.loop.Trainer.train_epoch``
 over a few prepared batches of the data set's shape (random pixels, random labels and
 sample indices; the teacher has random weights, which does not change the work done). The
@@ -32,7 +32,8 @@ from errors import exit_on_user_error
 from helper import distributed
 from helper.loop import NonFiniteLoss, Trainer
 from helper.speed import memory_format
-from helper.student import assemble_step, build_objective, parse_config
+from helper.student import assemble_step, build_objective
+from helper.student_flags import parse_config
 
 GO_TIMEOUT_S = 1800.0  # how long a ready worker waits for the others
 

@@ -64,7 +64,7 @@ def spec_of(trial: Trial, procs: int, device: str, name: str, mps: bool) -> cali
     """The calibration spec of a trial's configuration (its argv parsed as train_student.py would)."""
     import torch
     from helper.config import parse_with
-    from helper.student import build_parser
+    from helper.student_flags import build_parser
     f = vars(parse_with(build_parser(), trial.argv))
     method = f["distill"] + (f"+{f['add']}" if f["add"] != "none" and f["alpha"] else "")
     speed = f"{f['precision']},channels_last={f['channels_last']},compile={f['compile']}:{f['compile_mode']}"

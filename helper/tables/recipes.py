@@ -65,7 +65,7 @@ def student_flags() -> dict[str, str]:
     terms come first (``--distill --add -r -a -b``), then the rest in the parser's order.
     """
     from helper.config import option_names  # the parser imports torch: only when needed
-    from helper.student import build_parser
+    from helper.student_flags import build_parser
 
     options = option_names(build_parser())
     by_key = {dest: flag for dest, flag in options.items()}

@@ -1,7 +1,7 @@
 """The training step, built only the way ``train_student.py`` builds it.
 
-A step row's run comes from :func:`helper.student.parse_config` (the same flags a user would
-type), :func:`~helper.student.build_objective`, :func:`~helper.student.assemble_step` and
+A step row's run comes from :func:`helper.student_flags.parse_config` (the same flags a user
+would type), :func:`~helper.student.build_objective`, :func:`~helper.student.assemble_step` and
 :class:`helper.loop.Trainer`, and is timed through ``Trainer.train_epoch`` over a few
 prepared batches (teacher under ``inference_mode``, student forward/backward, SGD step,
 device meters). The networks keep their random initialisation; the row records the command
@@ -25,7 +25,8 @@ from helper.distill import DistillObjective
 from helper.loop import NonFiniteLoss, Trainer
 from helper.speed import CompiledOrEager, memory_format
 from helper.step import unpack
-from helper.student import Step, assemble_step, build_objective, parse_config
+from helper.student import Step, assemble_step, build_objective
+from helper.student_flags import parse_config
 from scripts.bench.timing import Clock, Setting, apply_global_switches, count_flops, count_kernels, summarize
 
 RECIPE_ROW = {"kd": "KD", "wttm": "WTTM", "crd": "CRD", "dkd": "DKD", "itrd": "ITRD"}
