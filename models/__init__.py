@@ -164,3 +164,4 @@ def feature_output(feats: list[torch.Tensor], pre: list[torch.Tensor], pooled: t
 # Importing the architecture files fills ``model_dict`` (they use the helpers above).
 from . import resnet, resnetv2, wrn, vgg, mobilenetv2, ShuffleNetv1, ShuffleNetv2  # noqa: E402,F401
 from . import resnet_imagenet, mobilenetv1  # noqa: E402,F401
+from . import vit  # noqa: E402,F401

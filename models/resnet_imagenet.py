@@ -135,3 +135,16 @@ def resnet34(num_classes: int = 1000) -> ImageNetResNet:
 def resnet50(num_classes: int = 1000) -> ImageNetResNet:
     """ResNet-50 (v1.5): bottlenecks (3, 4, 6, 3), 25,557,032 parameters for 1000 classes."""
     return ImageNetResNet(Bottleneck, (3, 4, 6, 3), num_classes)
+
+
+@register_model("resnet101", input_size=224)
+def resnet101(num_classes: int = 1000) -> ImageNetResNet:
+    """ResNet-101 (v1.5): bottlenecks (3, 4, 23, 3), 44,549,160 parameters for 1000 classes
+    (the stronger-teacher table's teacher)."""
+    return ImageNetResNet(Bottleneck, (3, 4, 23, 3), num_classes)
+
+
+@register_model("resnet152", input_size=224)
+def resnet152(num_classes: int = 1000) -> ImageNetResNet:
+    """ResNet-152 (v1.5): bottlenecks (3, 8, 36, 3), 60,192,808 parameters for 1000 classes."""
+    return ImageNetResNet(Bottleneck, (3, 8, 36, 3), num_classes)
