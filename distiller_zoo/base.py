@@ -130,6 +130,9 @@ class MethodContext:
         teacher: the frozen teacher network (read-only; never trained).
         device: where the method's parts and samplers live.
         student_name / teacher_name: architecture names (e.g. for per-pair defaults).
+        teacher_class_means: ``[K, D]`` float32 mean of the teacher's pooled feature per class
+            over the training set, on ``device``; filled only when a method in use sets
+            ``needs_class_means`` (KD++), else None.
     """
 
     cfg: Any
@@ -145,6 +148,7 @@ class MethodContext:
     device: torch.device
     student_name: str = ""
     teacher_name: str = ""
+    teacher_class_means: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -193,11 +197,15 @@ class Distiller(nn.Module):
         student_forward: the student forward the reference runs in the main stage even when
             the method adds no term there (AB: ``"preact"``; on WRN students that forward
             passes three feature maps through batch norms a second time, which moves their
-            running statistics).
+            running statistics), or the student's feature kind when it differs from the
+            teacher's ``feature_kind`` (ReviewKD on CIFAR: post-ReLU student maps against the
+            teacher's pre-activation ones). None: the student's forward is ``feature_kind``.
         flags: the command-line flags the method reads (see :class:`Flag`).
         graph_safe: False when the method's forward cannot be replayed from a CUDA graph
             (host synchronisation, its own random generator, collective communication); runs
             using it stay eager.
+        needs_class_means: True when the method reads ``ctx.teacher_class_means`` (KD++); the
+            assembly computes them once per teacher and data set, before the method is built.
     """
 
     name: ClassVar[str] = ""
@@ -209,6 +217,7 @@ class Distiller(nn.Module):
     student_forward: ClassVar[Optional[str]] = None
     flags: ClassVar[tuple[Flag, ...]] = ()
     graph_safe: ClassVar[bool] = True
+    needs_class_means: ClassVar[bool] = False
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import weakref
 import zlib
 from typing import Any, Optional
 
@@ -16,7 +17,7 @@ from models.util import Embed
 from .base import FEAT_DIM, Batch, Distiller, Flag, MethodContext, Outputs, register
 from .kd import autograd_safe
 
-__all__ = ["ContrastMemory", "ContrastLoss", "CRDLoss", "ContrastSampler"]
+__all__ = ["BankScores", "ContrastMemory", "ContrastLoss", "CRDLoss", "ContrastSampler"]
 
 log = logging.getLogger(__name__)
 eps = 1e-7
@@ -51,6 +52,7 @@ class ContrastMemory(nn.Module):
         self.register_buffer("memory_v1", torch.rand(outputSize, inputSize).mul_(2 * stdv).add_(-stdv))
         self.register_buffer("memory_v2", torch.rand(outputSize, inputSize).mul_(2 * stdv).add_(-stdv))
         self._consts: Optional[tuple[float, float, float, float]] = None  # T, Z_v1, Z_v2, momentum
+        self._journals: list[tuple[str, weakref.ref]] = []  # (bank, journal of a pending backward)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._consts = None
@@ -83,19 +85,70 @@ class ContrastMemory(nn.Module):
         T = self.params[1].item() if self._consts is None else self._consts[0]
         # Score against every row, then pick: reads each bank once ([N, D], 25.6 MB for CIFAR)
         # instead of gathering [B, K+1, D] rows (537 MB at B=64, K=16384, D=128). Same dot
-        # products. The banks are updated in place below, so autograd keeps a copy.
-        bank_v1 = self.memory_v1.clone() if v2.requires_grad else self.memory_v1
-        bank_v2 = self.memory_v2.clone() if v1.requires_grad else self.memory_v2
-        out_v2 = torch.exp(torch.mm(v2, bank_v1.t()).gather(1, idx) / T).unsqueeze(2)
-        out_v1 = torch.exp(torch.mm(v1, bank_v2.t()).gather(1, idx) / T).unsqueeze(2)
+        # products. The banks are updated in place below; instead of a copy of each bank for
+        # the backward (2 × 655 MB a step on ImageNet), the rows written since the forward are
+        # journalled and put back while the backward reads the bank.
+        journal_v1, journal_v2 = _Journal(), _Journal()  # alive while their graph is
+        self._journals = [(n, ref) for n, ref in self._journals if ref() is not None] + \
+            [("memory_v1", weakref.ref(journal_v1)), ("memory_v2", weakref.ref(journal_v2))]
+        out_v2 = torch.exp(BankScores.apply(v2, self.memory_v1, idx, journal_v1) / T).unsqueeze(2)
+        out_v1 = torch.exp(BankScores.apply(v1, self.memory_v2, idx, journal_v2) / T).unsqueeze(2)
         _, z_v1, z_v2, momentum = self._constants(out_v1, out_v2)
         out_v1 = out_v1 / z_v1
         out_v2 = out_v2 / z_v2
         with torch.no_grad():
-            for memory, v in ((self.memory_v1, v1), (self.memory_v2, v2)):
-                rows = memory.index_select(0, y).mul_(momentum).add_(v.detach() * (1 - momentum))
-                memory.index_copy_(0, y, rows.div(rows.pow(2).sum(1, keepdim=True).pow(0.5)))
+            for name, v in (("memory_v1", v1), ("memory_v2", v2)):
+                rows = getattr(self, name).index_select(0, y).mul_(momentum).add_(v.detach() * (1 - momentum))
+                self.write_rows(name, y, rows.div(rows.pow(2).sum(1, keepdim=True).pow(0.5)))
         return out_v1, out_v2
+
+    @torch.no_grad()
+    def write_rows(self, name: str, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """Overwrites rows ``index [n]`` (distinct) of bank ``name`` with ``rows [n, D]``,
+        keeping the old rows for a backward still to come (:class:`BankScores`)."""
+        memory = getattr(self, name)
+        for bank, ref in self._journals:
+            journal = ref()
+            if journal is not None and bank == name:
+                journal.append((index, memory.index_select(0, index)))
+        memory.index_copy_(0, index, rows)
+
+
+class _Journal(list):
+    """``(index, old rows)`` written to one bank since a forward whose backward is still to
+    come; only that forward's graph holds it (the memory keeps a weak reference)."""
+
+
+class BankScores(torch.autograd.Function):
+    """``mm(v, bank.t()).gather(1, idx)`` (``[B, D]``, ``[N, D]``, ``[B, K+1]`` → ``[B, K+1]``)
+    whose backward reads the bank as it was at the forward without keeping a copy of it.
+
+    Rows overwritten after the forward are listed in ``journal`` as ``(index, old rows)``; the
+    backward puts the oldest values back, computes ``dense(grad) @ bank`` (what autograd's
+    ``gather`` and ``mm`` backward compute) and restores the current rows.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, v: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor,
+                journal: list) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.bank, ctx.journal = bank, journal  # by reference: the journal makes it exact
+        return torch.mm(v, bank.t()).gather(1, idx)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None, None]:
+        (idx,) = ctx.saved_tensors
+        bank, journal = ctx.bank, ctx.journal
+        dense = grad.new_zeros(grad.shape[0], bank.shape[0]).scatter_add_(1, idx, grad)
+        with torch.no_grad():
+            current = [bank.index_select(0, index) for index, _ in journal]
+            for index, old in reversed(journal):  # the first write's old rows end up in place
+                bank.index_copy_(0, index, old)
+            grad_v = dense.mm(bank.to(dense.dtype))
+            for (index, _), rows in zip(journal, current):
+                bank.index_copy_(0, index, rows)
+        return grad_v, None, None, None
 
 
 class ContrastLoss(nn.Module):
@@ -275,6 +328,10 @@ class CRDMethod(Distiller):
         replace = cfg.nce_replace
         always = replace == "yes" or (replace == "auto" and ctx.n_data > REPLACE_ABOVE)
         self.sampler = ContrastSampler(ctx.train_labels, cfg.nce_k, cfg.mode, generator, always)
+        if self.sampler._any_replace and not always and _rank() == 0:  # said once, at build
+            log.warning("CRD: --nce_k %d is more than the %d negatives (samples of the other classes) "
+                        "available to some classes; their negatives are drawn with replacement",
+                        cfg.nce_k, int(self.sampler.pool[self.sampler.counts > 0].min()))
         self._z_shared = False
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:
@@ -301,8 +358,8 @@ class CRDMethod(Distiller):
         dist.all_gather(all_rows, rows.contiguous())
         index, rows = torch.cat(all_index), torch.cat(all_rows)
         half = contrast.memory_v1.shape[1]
-        contrast.memory_v1.index_copy_(0, index, rows[:, :half])
-        contrast.memory_v2.index_copy_(0, index, rows[:, half:])
+        contrast.write_rows("memory_v1", index, rows[:, :half])
+        contrast.write_rows("memory_v2", index, rows[:, half:])
         if not self._z_shared:  # Z came from each rank's own first batch: use their mean
             z = contrast.params[2:4].clone()
             dist.all_reduce(z)

@@ -1,12 +1,13 @@
 """Decoupled knowledge distillation (``--distill dkd``)."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 import torch
 import torch.nn.functional as F
 
 from .base import Batch, Distiller, Flag, MethodContext, Outputs, register
+from .ctkd import CTKD_FLAGS, ctkd_from_cfg, resolve_ctkd
 from .kd import autograd_safe
 
 __all__ = ["dkd_loss"]
@@ -29,7 +30,7 @@ def _binary(p: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
 
 
 def dkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor,
-             alpha: float, beta: float, temperature: float) -> torch.Tensor:
+             alpha: float, beta: float, temperature: Union[float, torch.Tensor]) -> torch.Tensor:
     """Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge Distillation", CVPR 2022.
 
     ``alpha * TCKD + beta * NCKD``, each a ``T**2``-scaled KL summed over the batch and
@@ -41,9 +42,9 @@ def dkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target:
         logits_student, logits_teacher: ``[B, K]``.
         target: ``[B]`` int64 labels.
         alpha, beta: weights of TCKD and NCKD.
-        temperature: softmax temperature T.
+        temperature: softmax temperature T (or CTKD's ``[1]`` learnable one).
     Returns:
-        0-d loss.
+        0-d loss (``[1]`` for a ``[1]`` temperature).
     """
     T = temperature
     gt_mask = torch.zeros_like(logits_student).scatter_(1, target.reshape(-1, 1), 1).bool()
@@ -58,7 +59,8 @@ def dkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target:
 
 @register("dkd")
 class DKDMethod(Distiller):
-    """DKD on the logits, ramped up linearly over the first ``--dkd_warmup`` epochs."""
+    """DKD on the logits, ramped up linearly over the first ``--dkd_warmup`` epochs (with
+    ``--ctkd global`` at CTKD's learnable temperature instead of ``--dkd_T``)."""
 
     feature_kind = None
     logit_only = True
@@ -71,6 +73,7 @@ class DKDMethod(Distiller):
         Flag("--dkd_T", float, 4.0, "DKD softmax temperature", above=0),
         Flag("--dkd_warmup", int, 20, "epochs over which the DKD loss ramps up linearly; 0 "
              "disables the ramp", minimum=0),
+        *CTKD_FLAGS,
     )
 
     def __init__(self, ctx: MethodContext) -> None:
@@ -82,11 +85,13 @@ class DKDMethod(Distiller):
                                                                        ctx.student_name)
         self.T = float(cfg.dkd_T)
         self.warmup = int(cfg.dkd_warmup)
+        self.ctkd = ctkd_from_cfg(cfg)  # None unless --ctkd
 
     @classmethod
     def resolve(cls, cfg: Mapping[str, Any], teacher: str, student: str) -> dict[str, Any]:
         """An unset ``--dkd_beta`` becomes the pair's value (recorded in config.json)."""
-        return {"dkd_beta": cls.beta_for(teacher, student)} if cfg.get("dkd_beta") is None else {}
+        beta = {"dkd_beta": cls.beta_for(teacher, student)} if cfg.get("dkd_beta") is None else {}
+        return {**beta, **resolve_ctkd(cfg)}
 
     @classmethod
     def beta_for(cls, teacher: str, student: str) -> float:
@@ -97,10 +102,13 @@ class DKDMethod(Distiller):
         """``min(epoch / warmup, 1)`` with 1-based epochs, as mdistiller's DKD wrapper."""
         return min(epoch / self.warmup, 1.0) if self.warmup > 0 else 1.0
 
-    def graph_key(self, epoch: int) -> float:
-        return self.warmup_factor(epoch)
+    def graph_key(self, epoch: int) -> Any:
+        if self.ctkd is None:
+            return self.warmup_factor(epoch)
+        return self.warmup_factor(epoch), self.ctkd.lambda_(epoch)
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:
+        T = self.T if self.ctkd is None else self.ctkd(batch.epoch)
         loss = dkd_loss(student.logits, autograd_safe(teacher.logits), batch.labels,
-                        self.alpha, self.beta, self.T)
-        return self.warmup_factor(batch.epoch) * loss
+                        self.alpha, self.beta, T)
+        return (self.warmup_factor(batch.epoch) * loss).reshape(())

@@ -1,13 +1,14 @@
 """Vanilla knowledge distillation (``--distill kd`` / ``--add kd``)."""
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import Batch, Distiller, Flag, MethodContext, Outputs, register
+from .ctkd import CTKD_FLAGS, ctkd_from_cfg, resolve_ctkd
 
 __all__ = ["DistillKL"]
 
@@ -39,9 +40,15 @@ class DistillKL(nn.Module):
 
     def forward(self, y_s: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
         """Student and teacher logits ``[B, K]`` → 0-d loss."""
-        log_p_s = F.log_softmax(y_s / self.T, dim=1)
-        p_t = F.softmax(y_t / self.T, dim=1)
-        return F.kl_div(log_p_s, p_t, reduction="sum") * (self.T ** 2) / y_s.shape[0]
+        return distill_kl(y_s, y_t, self.T)
+
+
+def distill_kl(y_s: torch.Tensor, y_t: torch.Tensor, T: Union[float, torch.Tensor]) -> torch.Tensor:
+    """:class:`DistillKL`'s value at temperature ``T``: a number, or a ``[1]`` tensor (CTKD's
+    learnable temperature, then the result is ``[1]`` and carries the temperature's gradient)."""
+    log_p_s = F.log_softmax(y_s / T, dim=1)
+    p_t = F.softmax(y_t / T, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="sum") * (T ** 2) / y_s.shape[0]
 
 
 @register("kd")
@@ -49,7 +56,8 @@ class KDMethod(Distiller):
     """KD on the logits with temperature ``--kd_T``.
 
     As ``--distill kd`` the seed's main loss is a literal zero (``main_is_zero``); its KD term
-    comes through ``--add kd -a 0.9`` with ``-r 0.1 -b 0``. Owns ``--kd_T``.
+    comes through ``--add kd -a 0.9`` with ``-r 0.1 -b 0``. Owns ``--kd_T``. With ``--ctkd
+    global`` the temperature is CTKD's learnable one (:mod:`distiller_zoo.ctkd`) instead.
     """
 
     feature_kind = None
@@ -57,11 +65,22 @@ class KDMethod(Distiller):
     default_weight = 0.0
     paper = "Hinton et al., Distilling the Knowledge in a Neural Network, NIPS-W 2015"
     main_is_zero: ClassVar[bool] = True
-    flags = (Flag("--kd_T", float, 4.0, "KD temperature", above=0),)
+    flags = (Flag("--kd_T", float, 4.0, "KD temperature", above=0), *CTKD_FLAGS)
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.criterion = DistillKL(float(ctx.cfg.kd_T))
+        self.ctkd = ctkd_from_cfg(ctx.cfg)  # None unless --ctkd
+
+    @classmethod
+    def resolve(cls, cfg: Mapping[str, Any], teacher: str, student: str) -> dict[str, Any]:
+        return resolve_ctkd(cfg)
+
+    def graph_key(self, epoch: int) -> Any:
+        return None if self.ctkd is None else self.ctkd.lambda_(epoch)
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:
-        return self.criterion(student.logits, autograd_safe(teacher.logits))
+        if self.ctkd is None:
+            return self.criterion(student.logits, autograd_safe(teacher.logits))
+        temperature = self.ctkd(batch.epoch)
+        return distill_kl(student.logits, autograd_safe(teacher.logits), temperature).reshape(())

@@ -28,9 +28,11 @@ class PKT(nn.Module):
                                eps: float = 0.0000001) -> torch.Tensor:
         """Rows ``[B, Ds]`` and ``[B, Dt]`` → 0-d; ``eps`` guards the norms and the log ratio."""
         output_net = output_net / (torch.sqrt(torch.sum(output_net ** 2, 1, keepdim=True)) + eps)
-        output_net[output_net != output_net] = 0  # NaN → 0, in place, as the reference
+        # NaN → 0 as the reference's ``x[x != x] = 0``, without its boolean index (a host wait
+        # that a CUDA graph cannot hold); the same values and the same zero gradient there
+        output_net = torch.where(output_net != output_net, 0.0, output_net)
         target_net = target_net / (torch.sqrt(torch.sum(target_net ** 2, 1, keepdim=True)) + eps)
-        target_net[target_net != target_net] = 0
+        target_net = torch.where(target_net != target_net, 0.0, target_net)
 
         model_similarity = (torch.mm(output_net, output_net.transpose(0, 1)) + 1.0) / 2.0
         target_similarity = (torch.mm(target_net, target_net.transpose(0, 1)) + 1.0) / 2.0

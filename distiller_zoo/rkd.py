@@ -15,14 +15,21 @@ def _pdist(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Euclidean distances between the rows of ``[B, D]`` → ``[B, B]``, zero diagonal.
 
     Squared distances are clamped at ``eps`` before the square root (finite gradients for
-    coincident rows), as in the reference.
+    coincident rows), as in the reference. The diagonal is zeroed by a multiplication (no
+    in-place write, no index tensor): same values, and no gradient through it, as the
+    reference's ``res[i, i] = 0``.
     """
     sq = e.pow(2).sum(dim=1)
     res = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * (e @ e.t())).clamp(min=eps).sqrt()
-    res = res.clone()
-    idx = torch.arange(len(e), device=e.device)
-    res[idx, idx] = 0
-    return res
+    off_diagonal = 1 - torch.eye(len(e), device=e.device, dtype=res.dtype)
+    return res * off_diagonal
+
+
+def _normalized(d: torch.Tensor) -> torch.Tensor:
+    """``d / d[d > 0].mean()`` without the boolean index, which needs the host (``nonzero``)
+    and so cannot run inside a CUDA graph: ``d >= 0`` here, so the sum over all entries is the
+    sum over the positive ones, and the count is a device tensor."""
+    return d / (d.sum() / (d > 0).sum())
 
 
 def _angles(e: torch.Tensor) -> torch.Tensor:
@@ -36,7 +43,8 @@ class RKDLoss(nn.Module):
     """Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019.
 
     ``w_d * smooth_l1(distance relations) + w_a * smooth_l1(angle relations)``; distances are
-    divided by their mean over the nonzero entries; the teacher side has no gradient.
+    divided by their mean over the nonzero entries; the teacher side has no gradient. No step
+    waits on the host (no boolean indexing), so the loss can be replayed from a CUDA graph.
 
     Args:
         w_d: weight of the distance term.
@@ -54,10 +62,10 @@ class RKDLoss(nn.Module):
         teacher = f_t.reshape(f_t.shape[0], -1)
         with torch.no_grad():
             t_d = _pdist(teacher)
-            t_d = t_d / t_d[t_d > 0].mean()
+            t_d = _normalized(t_d)
             t_angle = _angles(teacher)
         d = _pdist(student)
-        d = d / d[d > 0].mean()
+        d = _normalized(d)
         loss_d = F.smooth_l1_loss(d, t_d)
         loss_a = F.smooth_l1_loss(_angles(student), t_angle)
         return self.w_d * loss_d + self.w_a * loss_a

@@ -7,7 +7,7 @@ method declares (feature kind, trainable parameters, initialisation stage).
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -96,9 +96,10 @@ def common_feature_kind(methods: list[Distiller]) -> Optional[str]:
 
 def method_context(cfg: Any, student: nn.Module, teacher: nn.Module, student_name: str,
                    teacher_name: str, train_labels: torch.Tensor, num_classes: int,
-                   device: torch.device, image_size: int = 32) -> MethodContext:
+                   device: torch.device, image_size: int = 32,
+                   teacher_class_means: Optional[torch.Tensor] = None) -> MethodContext:
     """Probes both networks' feature shapes once (batch of 2 at ``image_size`` pixels) and
-    packs the context."""
+    packs the context (``teacher_class_means``: KD++'s ``[K, D]``, when a method needs them)."""
     def shapes(model: nn.Module, preact: bool) -> list[torch.Size]:
         return models.feature_shapes(model, image_size, preact=preact)
 
@@ -108,7 +109,8 @@ def method_context(cfg: Any, student: nn.Module, teacher: nn.Module, student_nam
         student_preact_shapes=shapes(student, True), teacher_preact_shapes=shapes(teacher, True),
         n_data=int(train_labels.numel()), train_labels=train_labels, num_classes=num_classes,
         student=student, teacher=teacher, device=device,
-        student_name=student_name, teacher_name=teacher_name)
+        student_name=student_name, teacher_name=teacher_name,
+        teacher_class_means=teacher_class_means)
 
 
 class DistillObjective(nn.Module):
@@ -118,9 +120,10 @@ class DistillObjective(nn.Module):
     "logits": [B, K], "terms": {"ce", "add_<name>", "main_<name>": 0-d unweighted}}``.
     Losses are computed in fp32 outside autocast; methods with weight 0 are skipped.
 
-    ``feature_kind`` is what the methods in use read from both networks (the teacher computes
-    only that); the student's forward is that, or the main method's ``student_forward`` when
-    it adds no term but the reference still runs that forward (AB).
+    ``feature_kind`` is what the methods in use read from the teacher (which computes only
+    that) and, by default, from the student; the student's forward is the main method's
+    ``student_forward`` when it sets one: the forward the reference runs even when the method
+    adds no term (AB), or a student kind that differs from the teacher's (ReviewKD on CIFAR).
     """
 
     def __init__(self, student: nn.Module, main: Distiller, add: Optional[Distiller],
@@ -134,7 +137,7 @@ class DistillObjective(nn.Module):
         self.use_add = add is not None and alpha != 0
         used = [m for m, on in ((main, self.use_main), (add, self.use_add)) if on]
         self.feature_kind = common_feature_kind(used)
-        self.student_kind = self.feature_kind or main.student_forward
+        self.student_kind = main.student_forward or self.feature_kind
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
                 epoch: int, teacher_out: Outputs) -> dict[str, Any]:
@@ -210,10 +213,35 @@ def resolve_weights(cfg: Any, teacher: str, student: str) -> tuple[float, float,
 
 
 def describe_objective(gamma: float, alpha: float, beta: float, distill: str, add: Optional[str],
-                       main_is_zero: bool) -> str:
-    """The resolved formula printed at start, e.g. ``loss = 1·CE + 0·kd(add) + 3·wttm``."""
-    main = f"{beta:g}·{distill}"
+                       main_is_zero: bool, cfg: Optional[Mapping[str, Any]] = None) -> str:
+    """The resolved formula printed at start and saved as ``objective`` in ``config.json``.
+
+    With ``cfg`` (the run's configuration), every term in use lists the values of its
+    method's own flags (the method's ``flags``, by the name the command line uses; unset
+    ones, None, act on nothing and are left out), e.g.
+    ``loss = 1·CE + 0.9·kd(add, kd_T=4) + 1·dkd(dkd_alpha=1, dkd_beta=8, dkd_T=4, dkd_warmup=20)``.
+    A term of weight 0 contributes nothing and lists nothing.
+    """
+    main = f"{_number(beta)}·{distill}{_settings(distill, cfg if beta and not main_is_zero else None)}"
     if main_is_zero:
         main += f" (a literal 0: --distill {distill} adds no main-stage term)"
-    add_part = f" + {alpha:g}·{add}(add)" if add else ""
-    return f"loss = {gamma:g}·CE{add_part} + {main}"
+    add_part = f" + {_number(alpha)}·{add}{_settings(add, cfg if alpha else None, 'add')}" if add else ""
+    return f"loss = {_number(gamma)}·CE{add_part} + {main}"
+
+
+def _settings(method: str, cfg: Optional[Mapping[str, Any]], role: str = "") -> str:
+    """``(role, flag=value, ...)`` of a method's own flags in ``cfg``; ``(role)`` or '' without."""
+    values = [] if cfg is None else [f"{f.dest}={_number(cfg[f.dest])}" for f in METHODS.get(method).flags
+                                     if cfg.get(f.dest) is not None]  # None: unset, does not act
+    items = ([role] if role else []) + values
+    return f"({', '.join(items)})" if items else ""
+
+
+def _number(value: Any) -> str:
+    """A number in its shortest exact spelling (``1.0`` → ``1``, ``0.1`` → ``0.1``); other
+    values as they print."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
