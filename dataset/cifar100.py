@@ -105,14 +105,20 @@ def _md5_of_file(path: Path) -> str:
 
 
 def _download(url: str, archive: Path, md5: str) -> None:
-    """Streams ``url`` into a temporary file next to ``archive``; renames it once verified."""
+    """Streams ``url`` into a temporary file next to ``archive``; renames it once verified.
+
+    A download that fails removes the folders it created for the archive (a failed offline
+    first run leaves no empty ``./data`` behind).
+    """
+    created = _missing_folders(archive.parent)
     try:
         archive.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{ARCHIVE_NAME}.", suffix=".part",
                                         dir=archive.parent)
     except OSError as err:
+        _remove_empty(created)
         raise UserError(f"cannot write to {archive.parent}: {err}") from err
-    tmp = Path(tmp_name)
+    tmp, done = Path(tmp_name), False
     try:
         digest, received, expected = _md5(), 0, None
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
@@ -132,6 +138,7 @@ def _download(url: str, archive: Path, md5: str) -> None:
                             f"{digest.hexdigest()}, expected {md5}); it was deleted. Run "
                             f"again, or download it by hand and put it at {archive}.")
         os.replace(tmp, archive)
+        done = True
     except http.client.IncompleteRead as err:
         raise UserError(f"download of {url} stopped after {received} bytes (the connection "
                         "closed early); run again to retry.") from err
@@ -143,6 +150,26 @@ def _download(url: str, archive: Path, md5: str) -> None:
         raise UserError(_offline_message(archive.parent, url, reason)) from err
     finally:
         tmp.unlink(missing_ok=True)
+        if not done:
+            _remove_empty(created)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Removes ``folders`` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _check_member(member: tarfile.TarInfo, dest: str, archive: Path) -> None:

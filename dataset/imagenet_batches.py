@@ -10,6 +10,10 @@ uniforms already drawn for them); a worker answers with a plain dict of tensors:
   not see (grayscale, CMYK, non-JPEG) are decoded by PIL in the worker. The main process
   decodes the rest on the device and makes the views there, with the same crop code.
 
+With a RandAugment policy, the flip is applied to the uint8 crop and RandAugment runs right
+after it (timm's order: crop, flip, RandAugment), in the worker or on the device, with the
+same tensor ops; the main process then only normalises.
+
 A file that cannot be read or decoded is left out of the batch and named in ``"skipped"``.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataset.imagefolder import Split
 from dataset.imagenet_decode import (BatchDecoder, DecodeError, decode_bytes, decode_file,
                                      gpu_decodable, read_bytes)
 from dataset.imagenet_transforms import DRAWS, eval_views, flips, stack, train_views
+from dataset.randaugment import RandAugmentConfig, rand_augment
 
 Skipped = list[tuple[str, str]]  # (path, reason)
 
@@ -32,10 +37,27 @@ class BatchRequest(NamedTuple):
     Attributes:
         index: ``[B]`` int64 sample indices into the split.
         uniforms: ``[B, DRAWS]`` float64 training draws, or None for evaluation views.
+        augment: ``[B, layers * 5]`` float64 RandAugment draws, or None without it.
     """
 
     index: torch.Tensor
     uniforms: Optional[torch.Tensor]
+    augment: Optional[torch.Tensor] = None
+
+
+def augment_views(pixels: torch.Tensor, flip: torch.Tensor, augment: Optional[torch.Tensor],
+                  config: Optional[RandAugmentConfig]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flips then RandAugments ``[b, 3, S, S]`` uint8 crops when a policy is given.
+
+    Returns:
+        ``(pixels, flip)``: unchanged without a policy; else the augmented crops and an
+        all-False ``flip`` (already applied).
+    """
+    if config is None or augment is None or len(pixels) == 0:
+        return pixels, flip
+    flip_dev = flip.to(pixels.device).view(-1, 1, 1, 1)
+    pixels = torch.where(flip_dev, pixels.flip(-1), pixels)
+    return rand_augment(pixels, augment, config), torch.zeros_like(flip)
 
 
 class ImageBatches(torch.utils.data.Dataset):
@@ -46,12 +68,17 @@ class ImageBatches(torch.utils.data.Dataset):
         mode: ``"pixels"`` (decode and crop here) or ``"bytes"`` (read only, mostly).
         size: output side in pixels (224).
         resize_size: shorter side before the evaluation centre crop (256).
+        interpolation: of the crop or evaluation resize (``'bilinear'``, ``'bicubic'``).
+        rand_augment: RandAugment policy for training crops (``"pixels"`` mode), or None.
     """
 
-    def __init__(self, split: Split, mode: str, size: int, resize_size: int) -> None:
+    def __init__(self, split: Split, mode: str, size: int, resize_size: int,
+                 interpolation: str = "bilinear",
+                 rand_augment: Optional[RandAugmentConfig] = None) -> None:
         if mode not in ("pixels", "bytes"):
             raise ValueError(f"mode must be 'pixels' or 'bytes', got {mode!r}")
         self.split, self.mode, self.size, self.resize_size = split, mode, size, resize_size
+        self.interpolation, self.rand_augment = interpolation, rand_augment
 
     def __len__(self) -> int:
         return len(self.split.paths)
@@ -73,11 +100,13 @@ class ImageBatches(torch.utils.data.Dataset):
             kept.append(row)
         kept_t = torch.tensor(kept, dtype=torch.int64)
         if request.uniforms is None:
-            pixels = eval_views(images, self.size, self.resize_size)
+            pixels = eval_views(images, self.size, self.resize_size, self.interpolation)
             flip = torch.zeros(len(kept), dtype=torch.bool)
         else:
             uniforms = request.uniforms[kept_t]
-            pixels, flip = train_views(images, uniforms, self.size), flips(uniforms)
+            pixels = train_views(images, uniforms, self.size, self.interpolation)
+            augment = None if request.augment is None else request.augment[kept_t]
+            pixels, flip = augment_views(pixels, flips(uniforms), augment, self.rand_augment)
         return {"pixels": pixels, "flip": flip, "index": request.index[kept_t], "skipped": skipped}
 
     def _bytes(self, request: BatchRequest) -> dict:
@@ -105,15 +134,20 @@ class ImageBatches(torch.utils.data.Dataset):
         uniforms = (torch.empty(len(kept), 0, dtype=torch.float64) if request.uniforms is None
                     else request.uniforms[kept_t])
         index = request.index[kept_t]
+        augment = None if request.augment is None else request.augment[kept_t]
         return {"data": data, "offsets": offsets, "decoded": decoded,
                 "on_device": torch.tensor(on_device, dtype=torch.bool), "uniforms": uniforms,
-                "index": index, "paths": [self.split.path(i) for i in index.tolist()],
+                "augment": augment, "index": index,
+                "paths": [self.split.path(i) for i in index.tolist()],
                 "skipped": skipped}
 
 
-def finish_bytes_batch(raw: dict, decoder: BatchDecoder, train: bool, size: int, resize_size: int
+def finish_bytes_batch(raw: dict, decoder: BatchDecoder, train: bool, size: int, resize_size: int,
+                       interpolation: str = "bilinear",
+                       rand_augment: Optional[RandAugmentConfig] = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Skipped]:
-    """Main process, ``"bytes"`` mode: decode on the device, then crop and resize there.
+    """Main process, ``"bytes"`` mode: decode on the device, then crop and resize there (and
+    flip and RandAugment, with a policy).
 
     Returns:
         ``(pixels [b, 3, size, size] uint8 on the device, flip [b] bool, index [b] int64,
@@ -134,10 +168,14 @@ def finish_bytes_batch(raw: dict, decoder: BatchDecoder, train: bool, size: int,
     kept_t = torch.tensor(kept, dtype=torch.int64)
     index = raw["index"][kept_t]
     if not train:
-        pixels = eval_views(images, size, resize_size) if images else stack([], size)
+        pixels = (eval_views(images, size, resize_size, interpolation) if images
+                  else stack([], size))
         return pixels.to(decoder.device), torch.zeros(len(kept), dtype=torch.bool), index, skipped
     uniforms = raw["uniforms"][kept_t]
     if uniforms.shape[1] != DRAWS:
         raise ValueError(f"training batches need {DRAWS} draws per sample")
-    pixels = train_views(images, uniforms, size) if images else stack([], size)
-    return pixels.to(decoder.device), flips(uniforms), index, skipped
+    pixels = train_views(images, uniforms, size, interpolation) if images else stack([], size)
+    augment = None if raw.get("augment") is None else raw["augment"][kept_t]
+    pixels, flip = augment_views(pixels.to(decoder.device), flips(uniforms), augment,
+                                 rand_augment)
+    return pixels, flip, index, skipped

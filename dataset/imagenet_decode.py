@@ -93,7 +93,19 @@ def gpu_decodable(data: bytes) -> bool:
     Grayscale and CMYK/YCCK JPEGs and non-JPEG files go to PIL instead.
     """
     frame = jpeg_frame(data)
-    return frame is not None and frame[0] in _GPU_FRAMES and frame[1] == 3
+    return frame is not None and frame[0] in _GPU_FRAMES and frame[1] == 3 and not adobe_rgb(data)
+
+
+def adobe_rgb(data: bytes) -> bool:
+    """Whether an Adobe APP14 segment before the first scan says the three components are RGB
+    (transform 0), not YCbCr: nvJPEG would convert them as YCbCr; PIL reads the flag."""
+    i, n = 2, len(data)
+    while i + 4 <= n and data[i] == 0xFF and data[i + 1] not in (0xDA, 0xD9):
+        length = (data[i + 2] << 8) | data[i + 3]
+        if data[i + 1] == 0xEE and data[i + 4:i + 9] == b"Adobe" and i + 15 < n:
+            return data[i + 15] == 0
+        i += 2 + length
+    return False
 
 
 def nvjpeg_available(device: Union[str, torch.device]) -> bool:

@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from dataset.augment_recipe import TrainAugment
 from dataset.imagefolder import FolderIndex, Split, scan_image_folder
 from dataset.imagenet_batches import BatchRequest, ImageBatches, Skipped, finish_bytes_batch
 from dataset.imagenet_decode import BatchDecoder, nvjpeg_available
-from dataset.imagenet_transforms import (IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZE,
-                                         draw_uniforms, flip_normalize)
-from dataset.sharding import EpochState, epoch_order, shard_size
+from dataset.imagenet_transforms import (IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS,
+                                         RESIZE_SIZE, block_uniforms, draw_uniforms,
+                                         flip_normalize)
+from dataset.randaugment import UNIFORMS_PER_LAYER
+from dataset.sharding import EpochState, derive_seed, epoch_order, shard_size
 
 DECODE_MODES = ("auto", "workers", "device")
 
@@ -48,9 +51,10 @@ class _Requests(Sampler):
     """
 
     def __init__(self, num_samples: int, batch_size: int, drop_last: bool, train: bool,
-                 seed: int, rank: int) -> None:
+                 seed: int, rank: int, augment_width: int = 0) -> None:
         self.num_samples, self.batch_size, self.drop_last = num_samples, batch_size, drop_last
         self.train, self.seed, self.rank = train, seed, rank
+        self.augment_width = augment_width  # RandAugment uniforms per sample (0: none)
         self.order = torch.empty(0, dtype=torch.int64)
         self.epoch = 0
 
@@ -68,9 +72,14 @@ class _Requests(Sampler):
         size = self.batch_size
         for begin in range(0, len(self) * size, size):
             index = self.order[begin:begin + size]
-            uniforms = (draw_uniforms(self.seed, self.rank, self.epoch, begin, begin + len(index))
-                        if self.train else None)
-            yield BatchRequest(index, uniforms)
+            stop = begin + len(index)
+            uniforms = draw_uniforms(self.seed, self.rank, self.epoch, begin, stop) \
+                if self.train else None
+            augment = None
+            if self.train and self.augment_width:
+                augment = block_uniforms("randaugment", self.augment_width, self.seed, self.rank,
+                                         self.epoch, begin, stop)
+            yield BatchRequest(index, uniforms, augment)
 
 
 class ImageFolderLoader(EpochState):
@@ -91,6 +100,11 @@ class ImageFolderLoader(EpochState):
         drop_last: drop this rank's last partial batch.
         mean, std: per-channel statistics on the 0..1 scale.
         size: output side in pixels; resize_size: shorter side before the evaluation crop.
+        interpolation: of the training crop's resize (and RandAugment's geometric ops) or of
+            the evaluation resize: ``'bilinear'`` (torchvision's default) or ``'bicubic'``
+            (DeiT's).
+        augment: the training batch augmentations (training loaders only); with mixup or
+            CutMix, ``num_classes`` is needed and the loader yields soft targets.
     """
 
     def __init__(self, split: Split, batch_size: int, train: bool, seed: int, rank: int = 0,
@@ -98,13 +112,23 @@ class ImageFolderLoader(EpochState):
                  memory_format: torch.memory_format = torch.contiguous_format, workers: int = 0,
                  decode: str = "auto", drop_last: bool = False,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 size: int = IMAGE_SIZE, resize_size: int = RESIZE_SIZE) -> None:
+                 size: int = IMAGE_SIZE, resize_size: int = RESIZE_SIZE,
+                 interpolation: str = "bilinear", augment: Optional[TrainAugment] = None,
+                 num_classes: Optional[int] = None) -> None:
         if batch_size < 1 or workers < 0 or not 0 <= rank < world_size:
             raise ValueError("need batch_size >= 1, workers >= 0 and 0 <= rank < world_size")
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
         if memory_format not in (torch.contiguous_format, torch.channels_last):
             raise ValueError("memory_format must be torch.contiguous_format or torch.channels_last")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got "
+                             f"{interpolation!r}")
+        augment = augment or TrainAugment()
+        if augment != TrainAugment() and not train:
+            raise ValueError("batch augmentations apply to training loaders only")
+        if augment.mixes and not num_classes:
+            raise ValueError("mixup/CutMix needs num_classes")
         self.device = torch.device(device)
         self.split, self.labels, self.n = split, split.labels, len(split.labels)
         self.batch_size, self.train, self.seed = batch_size, train, seed
@@ -115,9 +139,15 @@ class ImageFolderLoader(EpochState):
         self.mode = "bytes" if on_device else "pixels"
         self._decoder = BatchDecoder(self.device) if on_device else None
         self._skipped: dict[str, str] = {}
-        self._requests = _Requests(self.num_samples, batch_size, drop_last, train, seed, rank)
+        self.interpolation = interpolation
+        self.rand_augment = augment.rand_augment_config(mean, interpolation)
+        self.erasing, self.mixing = augment.erasing(), augment.mixing(num_classes or 0)
+        width = self.rand_augment.num_layers * UNIFORMS_PER_LAYER if self.rand_augment else 0
+        self._requests = _Requests(self.num_samples, batch_size, drop_last, train, seed, rank,
+                                   width)
         self._loader = DataLoader(
-            ImageBatches(split, self.mode, size, resize_size), batch_size=None,
+            ImageBatches(split, self.mode, size, resize_size, interpolation, self.rand_augment),
+            batch_size=None,
             sampler=self._requests, num_workers=workers, collate_fn=_as_is,
             pin_memory=self.device.type == "cuda" and self.mode == "pixels",
             persistent_workers=workers > 0)
@@ -146,7 +176,8 @@ class ImageFolderLoader(EpochState):
                            torch.Generator())
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yields ``(images [B, 3, S, S] float32, labels [B] int64, index [B] int64)``.
+        """Yields ``(images [B, 3, S, S] float32, labels [B] int64, index [B] int64)``;
+        with mixup/CutMix, ``labels`` are ``[B, K]`` float32 mixed, smoothed targets.
 
         All three on the device; ``index`` is each sample's position in the split's file
         list. A batch is shorter by the files that could not be decoded (each is warned
@@ -154,24 +185,34 @@ class ImageFolderLoader(EpochState):
         """
         epoch, self.epoch = self.epoch, self.epoch + 1
         self._requests.start(self.order(epoch), epoch)
-        return self._batches(iter(self._loader))
+        return self._batches(iter(self._loader), epoch)
 
-    def _batches(self, raw_batches: Iterator[dict]
+    def _batches(self, raw_batches: Iterator[dict], epoch: int
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        erase_gen = mix_gen = None
+        if self.erasing is not None:  # on the device: it draws the erased pixels' noise too
+            erase_gen = torch.Generator(self.device)
+            erase_gen.manual_seed(derive_seed(self.seed, "erase", self.rank, epoch))
+        if self.mixing is not None:  # a few scalars per batch: CPU, no device sync
+            mix_gen = torch.Generator().manual_seed(derive_seed(self.seed, "mix", self.rank, epoch))
         for raw in raw_batches:
             if self._decoder is None:
                 pixels = raw["pixels"].to(self.device, non_blocking=True)
                 flip, index, skipped = raw["flip"], raw["index"], raw["skipped"]
             else:
                 pixels, flip, index, skipped = finish_bytes_batch(
-                    raw, self._decoder, self.train, self.size, self.resize_size)
+                    raw, self._decoder, self.train, self.size, self.resize_size,
+                    self.interpolation, self.rand_augment)
             self._note(skipped)
             if len(index) == 0:
                 continue
             images = flip_normalize(pixels, flip, self.mean, self.std, self.memory_format)
-            labels = self.labels.index_select(0, index.cpu())
-            yield (images, labels.to(self.device, non_blocking=True),
-                   index.to(self.device, non_blocking=True))
+            labels = self.labels.index_select(0, index.cpu()).to(self.device, non_blocking=True)
+            if erase_gen is not None:
+                images = self.erasing(images, erase_gen)
+            if mix_gen is not None:
+                images, labels = self.mixing(images, labels, mix_gen)
+            yield images, labels, index.to(self.device, non_blocking=True)
 
     def _note(self, skipped: Skipped) -> None:
         for path, reason in skipped:
@@ -235,19 +276,27 @@ class ImageFolderData:
     def loaders(self, batch_size: int, eval_batch_size: int, seed: int, rank: int = 0,
                 world_size: int = 1, device: Union[str, torch.device] = "cpu",
                 memory_format: torch.memory_format = torch.contiguous_format, workers: int = 0,
-                decode: str = "auto") -> tuple[ImageFolderLoader, ImageFolderLoader]:
+                decode: str = "auto", train_interpolation: str = "bilinear",
+                eval_interpolation: str = "bilinear", augment: Optional[TrainAugment] = None
+                ) -> tuple[ImageFolderLoader, ImageFolderLoader]:
         """This rank's training loader (shuffled, augmented) and validation loader.
 
         Both are sharded by rank: training as ``DeviceLoader`` shards it, validation as
         ``r, r + world_size, ...`` (no padding; sum the per-rank counts). ``batch_size`` and
-        ``eval_batch_size`` are per rank. See :class:`ImageFolderLoader` for the rest.
+        ``eval_batch_size`` are per rank. ``train_interpolation`` resizes the training crops
+        (and drives RandAugment's geometric ops), ``eval_interpolation`` the validation resize;
+        ``augment`` applies to training only (DeiT: both interpolations ``'bicubic'`` and
+        :data:`~dataset.augment_recipe.DEIT`). See :class:`ImageFolderLoader` for the rest.
         """
         common = dict(seed=seed, rank=rank, world_size=world_size, device=device,
                       memory_format=memory_format, workers=workers, decode=decode,
                       mean=self.mean, std=self.std, size=self.image_size,
                       resize_size=self.resize_size)
-        return (ImageFolderLoader(self.folder.train, batch_size, train=True, **common),
-                ImageFolderLoader(self.folder.val, eval_batch_size, train=False, **common))
+        return (ImageFolderLoader(self.folder.train, batch_size, train=True,
+                                  interpolation=train_interpolation, augment=augment,
+                                  num_classes=self.num_classes, **common),
+                ImageFolderLoader(self.folder.val, eval_batch_size, train=False,
+                                  interpolation=eval_interpolation, **common))
 
 
 def load_imagenet(data_folder: str) -> ImageFolderData:

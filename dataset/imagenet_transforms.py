@@ -3,7 +3,9 @@
 Training view: torchvision's ``RandomResizedCrop(224)`` (scale 0.08-1 of the area,
 log-uniform aspect ratio 3/4-4/3, up to 10 tries, then a centred crop whose ratio is clamped
 to the range), bilinear resize with antialiasing, ``RandomHorizontalFlip(0.5)``, normalise.
-Evaluation view: ``Resize(256)`` (shorter side to 256) then ``CenterCrop(224)``.
+Evaluation view: ``Resize(256)`` (shorter side to 256) then ``CenterCrop(224)``. Both resize
+bilinearly by default; ``interpolation='bicubic'`` gives timm's/DeiT's
+``RandomResizedCropAndInterpolation(..., 'bicubic')`` and ``Resize(256, BICUBIC)``.
 
 Everything random is drawn up front, in the loader's main process, as uniforms: per sample,
 10 tries x (area, log-ratio, top, left) and one for the flip. The box needs the image size,
@@ -32,6 +34,7 @@ RATIO = (3.0 / 4.0, 4.0 / 3.0)
 TRIES = 10
 DRAWS = TRIES * 4 + 1  # uniforms per sample: 10 x (area, log-ratio, top, left), then the flip
 BLOCK = 1024  # positions per independently seeded block of draws
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels
 
@@ -47,13 +50,20 @@ def draw_uniforms(seed: int, rank: int, epoch: int, start: int, stop: int) -> to
     Returns:
         ``[stop - start, DRAWS]`` float64 uniforms on ``[0, 1)``, CPU.
     """
+    return block_uniforms("augment", DRAWS, seed, rank, epoch, start, stop)
+
+
+def block_uniforms(tag: str, width: int, seed: int, rank: int, epoch: int, start: int,
+                   stop: int) -> torch.Tensor:
+    """``[stop - start, width]`` float64 uniforms, CPU, for positions ``start .. stop - 1``:
+    blocks of :data:`BLOCK` positions seeded by ``(seed, tag, rank, epoch, block)``."""
     if stop <= start:
-        return torch.empty(0, DRAWS, dtype=torch.float64)
+        return torch.empty(0, width, dtype=torch.float64)
     generator = torch.Generator()
     blocks = []
     for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
-        generator.manual_seed(derive_seed(seed, "augment", rank, epoch, block))
-        blocks.append(torch.rand(BLOCK, DRAWS, generator=generator, dtype=torch.float64))
+        generator.manual_seed(derive_seed(seed, tag, rank, epoch, block))
+        blocks.append(torch.rand(BLOCK, width, generator=generator, dtype=torch.float64))
     offset = start - (start // BLOCK) * BLOCK
     return torch.cat(blocks)[offset:offset + stop - start]
 
@@ -133,21 +143,26 @@ def center_crop_offsets(height: int, width: int, size: int = IMAGE_SIZE) -> tupl
 
 
 def resize(image: torch.Tensor, height: int, width: int,
-           uint8_kernel: Optional[bool] = None) -> torch.Tensor:
-    """Bilinear resize with antialiasing (``F.interpolate(..., antialias=True)``).
+           uint8_kernel: Optional[bool] = None, interpolation: str = "bilinear") -> torch.Tensor:
+    """Resize with antialiasing (``F.interpolate(..., antialias=True)``), bilinear or bicubic.
 
     On the CPU the uint8 kernel runs directly (about 4x faster than float32 on a 500 x 375
     image, measured; torchvision's tensor path uses it too; it may differ from float32 by one
     grey level); elsewhere the image goes through float32 and is rounded back (CUDA has no
-    uint8 kernel). Same size: returned as is.
+    uint8 kernel). The float32 bicubic runs as PIL does, width then height, rounded and
+    clipped to uint8 in between (the cubic overshoots; one 2-D pass differs from PIL by up
+    to ~18 grey levels on noise, measured). Same size: returned as is.
 
     Args:
         image: ``[3, H, W]`` uint8 pixels.
         uint8_kernel: force the kernel choice (default: uint8 exactly when on the CPU).
+        interpolation: ``'bilinear'`` or ``'bicubic'``.
 
     Returns:
         ``[3, height, width]`` uint8 pixels on the image's device.
     """
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     if tuple(image.shape[-2:]) == (height, width):
         return image
     if uint8_kernel is None:
@@ -155,38 +170,48 @@ def resize(image: torch.Tensor, height: int, width: int,
     batch = image.unsqueeze(0)
     if uint8_kernel:
         batch = batch.contiguous(memory_format=torch.channels_last)
-        out = F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False,
-                            antialias=True)
+        out = F.interpolate(batch, size=(height, width), mode=interpolation,
+                            align_corners=False, antialias=True)
         return out[0]
-    out = F.interpolate(batch.float(), size=(height, width), mode="bilinear",
-                        align_corners=False, antialias=True)
-    return out.round_().clamp_(0, 255).to(torch.uint8)[0]
+    if interpolation == "bicubic":
+        steps = [(image.shape[-2], width), (height, width)]
+    else:
+        steps = [(height, width)]
+    for size in steps:
+        if tuple(batch.shape[-2:]) != size:
+            batch = F.interpolate(batch.float(), size=size, mode=interpolation,
+                                  align_corners=False, antialias=True)
+            batch = batch.round_().clamp_(0, 255).to(torch.uint8)
+    return batch[0]
 
 
-def crop_resize(image: torch.Tensor, box: Box, size: int = IMAGE_SIZE) -> torch.Tensor:
+def crop_resize(image: torch.Tensor, box: Box, size: int = IMAGE_SIZE,
+                interpolation: str = "bilinear") -> torch.Tensor:
     """Crops ``box = (top, left, height, width)`` from ``[3, H, W]`` uint8 and resizes it to
     ``[3, size, size]`` uint8 (torchvision's ``resized_crop``)."""
     top, left, height, width = box
-    return resize(image[:, top:top + height, left:left + width], size, size)
+    return resize(image[:, top:top + height, left:left + width], size, size,
+                  interpolation=interpolation)
 
 
-def eval_view(image: torch.Tensor, size: int = IMAGE_SIZE,
-              resize_size: int = RESIZE_SIZE) -> torch.Tensor:
+def eval_view(image: torch.Tensor, size: int = IMAGE_SIZE, resize_size: int = RESIZE_SIZE,
+              interpolation: str = "bilinear") -> torch.Tensor:
     """``Resize(resize_size)`` then ``CenterCrop(size)``: ``[3, H, W]`` -> ``[3, size, size]``
     uint8. The whole image is resized first (the antialiasing filter reaches past the crop)."""
     new_h, new_w = resize_shorter(image.shape[-2], image.shape[-1], resize_size)
-    resized = resize(image, new_h, new_w)
+    resized = resize(image, new_h, new_w, interpolation=interpolation)
     top, left = center_crop_offsets(new_h, new_w, size)
     return resized[:, top:top + size, left:left + size]
 
 
 def train_views(images: Sequence[torch.Tensor], uniforms: torch.Tensor,
-                size: int = IMAGE_SIZE) -> torch.Tensor:
+                size: int = IMAGE_SIZE, interpolation: str = "bilinear") -> torch.Tensor:
     """Random resized crops of decoded images (flips are applied later, batched).
 
     Args:
         images: ``B`` uint8 ``[3, H_i, W_i]`` images, all on one device.
         uniforms: ``[B, DRAWS]`` float64 draws from :func:`draw_uniforms`.
+        interpolation: of the resize, ``'bilinear'`` or ``'bicubic'``.
 
     Returns:
         ``[B, 3, size, size]`` uint8 on the images' device.
@@ -194,13 +219,14 @@ def train_views(images: Sequence[torch.Tensor], uniforms: torch.Tensor,
     heights = torch.tensor([im.shape[-2] for im in images], dtype=torch.float64)
     widths = torch.tensor([im.shape[-1] for im in images], dtype=torch.float64)
     boxes = random_resized_crop_boxes(uniforms, heights, widths).tolist()
-    return stack([crop_resize(im, box, size) for im, box in zip(images, boxes)], size)
+    return stack([crop_resize(im, box, size, interpolation)
+                  for im, box in zip(images, boxes)], size)
 
 
 def eval_views(images: Sequence[torch.Tensor], size: int = IMAGE_SIZE,
-               resize_size: int = RESIZE_SIZE) -> torch.Tensor:
+               resize_size: int = RESIZE_SIZE, interpolation: str = "bilinear") -> torch.Tensor:
     """:func:`eval_view` of each image, stacked: ``[B, 3, size, size]`` uint8."""
-    return stack([eval_view(im, size, resize_size) for im in images], size)
+    return stack([eval_view(im, size, resize_size, interpolation) for im in images], size)
 
 
 def stack(views: Sequence[torch.Tensor], size: int) -> torch.Tensor:

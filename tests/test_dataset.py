@@ -121,6 +121,18 @@ def test_offline_without_data_says_where_to_put_the_archive(tmp_path, download):
     assert str(folder / ARCHIVE) in message
     assert "cifar-100-python.tar.gz" in message and "\n" not in message
     assert not any(p.name.endswith(".part") for p in tmp_path.rglob("*"))
+    assert not folder.exists()  # no empty ./data left behind by a failed first run
+
+
+def test_failed_download_removes_only_the_folders_it_created(server, tmp_path):
+    url = server.serve("/c100.tar.gz", b"x").replace("c100", "missing")
+    with pytest.raises(UserError, match="404"):
+        load_cifar100(str(tmp_path / "new" / "data"), url=url, md5="0" * 32)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(UserError, match="404"):
+        load_cifar100(str(tmp_path / "mine"), url=url, md5="0" * 32)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # a folder the user made stays
 
 
 # --- CIFAR-100: corrupt and hostile archives ----------------------------------------------

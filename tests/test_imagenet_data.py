@@ -484,8 +484,7 @@ def test_workers_and_decode_modes_give_identical_batches(data):
 
 def test_workers_end_with_a_crashing_run(tiny):
     script = textwrap.dedent(f"""
-        import multiprocessing, sys
-        sys.path[:0] = [{os.getcwd()!r}]
+        import multiprocessing
         from dataset.imagenet_loader import load_imagenet
         train, _ = load_imagenet({tiny.root!r}).loaders(4, 4, 0, workers=2)
         for step, batch in enumerate(train):
