@@ -1,34 +1,49 @@
-"""The training step as one CUDA graph: captured once, replayed for every full batch.
+"""The training step as one CUDA graph (``--cuda_graphs auto|on``): captured once, replayed
+for every full batch.
 
 A CIFAR step launches a few hundred small kernels; replaying them as one graph removes the
-launch overhead that bounds it (docs/SPEED.md). The graph holds the whole step: the teacher
-forward, the objective's forward and backward and the SGD update. The batch is copied into
-static input tensors before each replay; the last, smaller batch of an epoch runs eagerly.
+launch overhead that bounds it. The graph holds the whole step: the teacher forward, the
+objective's forward and backward and the SGD update. The batch is copied into static input
+tensors before each replay; a batch of another size (the last of an epoch) runs eagerly. The
+default is ``--cuda_graphs off`` until ``scripts/gpu_acceptance.py`` has passed on a GPU
+(docs/SPEED.md).
 
 Correctness guards:
 - a graph is captured only where it can be exact: CUDA, one process, no ``--compile``, every
   method ``graph_safe`` (:func:`graph_plan` says why not otherwise, once, as a warning);
-- it is captured again whenever something baked into it changes: the learning rates, or what
-  a method reads of the epoch (``graph_key``, DKD's warm-up factor);
+  ``tests/test_host_sync.py`` proves the graph-safe methods never wait on the host;
+- it is captured at the loader's full batch size, and again whenever something baked into it
+  changes: the learning rates, or what a method reads of the epoch (``graph_key``, DKD's
+  warm-up factor); the old graph is freed first;
 - warm-up steps run from a snapshot of every tensor a step changes (parameters, buffers,
-  optimiser state), which is restored afterwards, so capturing never moves the run;
-- after each capture, one eager step and one replay start from the same state and batch; if
-  the loss or any updated weight differs by more than 1e-4 relative, the run warns and stays
-  eager from then on.
+  optimiser state), restored afterwards, so capturing never moves the run; the second runs
+  with host waits refused (``torch.cuda.set_sync_debug_mode("error")``);
+- after each capture, one eager step and one replay start from the same state and batch; the
+  loss and the updated state must agree within :data:`TOLERANCES` of the run's precision and
+  be finite;
+- any failure (warm-up, capture, replay, check) restores the state, drops the graph and runs
+  the rest of the run eagerly, with one warning and an event in the run's files
+  (:attr:`GraphedStep.events`; ``graph_events.jsonl`` and ``summary.json``).
 """
 from __future__ import annotations
 
-import contextlib
+import json
 import warnings
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from helper.graph_capture import CudaGraphs, StateSnapshot, max_relative_error
 from helper.step import StepOut, TrainStep
 
 WARMUP_STEPS = 2
-CHECK_RTOL = 1e-4
+GRAPH_EVENTS = "graph_events.jsonl"  # in the run folder: one JSON line per fallback
+# Relative tolerances of the capture check, per precision: fp32 compares the loss and every
+# tensor the step changes; bf16 the loss and the weights after the update, looser, since
+# nondeterministic bf16 kernels may flip an ulp (momentum would amplify it, so it is left out).
+TOLERANCES = {"fp32": {"loss": 1e-4, "state": 1e-4, "kinds": ("param", "buffer", "optim")},
+              "bf16": {"loss": 2e-2, "state": 1e-3, "kinds": ("param", "buffer")}}
 
 
 def graph_plan(mode: str, device: torch.device, world_size: int, compiled: bool,
@@ -63,8 +78,8 @@ def graph_plan(mode: str, device: torch.device, world_size: int, compiled: bool,
 
 
 def report_step_mode(cfg: Any, env: Any, mode: str) -> None:
-    """Prints how the step runs (rank 0). Where graphs are the default (CUDA) or asked for
-    (``--cuda_graphs on``), an eager step also warns once, saying why."""
+    """Prints how the step runs (rank 0). Where graphs were asked for (``--cuda_graphs on``,
+    or ``auto`` on CUDA without ``--compile``), an eager step also warns once, saying why."""
     if not env.is_main:
         return
     print(f"training step: {mode}", flush=True)
@@ -74,93 +89,83 @@ def report_step_mode(cfg: Any, env: Any, mode: str) -> None:
         warnings.warn(f"the training step runs {mode}")
 
 
-class StateSnapshot:
-    """Copies of every tensor a training step changes, restorable in place.
-
-    In place matters: a captured graph reads and writes fixed addresses. Optimiser state that
-    did not exist when the snapshot was taken (SGD's momentum buffers before the first step)
-    is zeroed on restore, which for SGD without dampening is the same as absent.
-    """
-
-    def __init__(self, modules: list[nn.Module], optimizer: torch.optim.Optimizer) -> None:
-        self.modules, self.optimizer = modules, optimizer
-        for group in optimizer.param_groups:
-            if group.get("dampening", 0) != 0 or group.get("nesterov", False):
-                raise ValueError("StateSnapshot supports SGD without dampening or Nesterov only")
-        self.saved = [(t, t.detach().clone()) for t in self._tensors()]
-        self.had_state = {id(p) for p in optimizer.state}
-
-    def _tensors(self) -> list[torch.Tensor]:
-        seen, out = set(), []
-        for module in self.modules:
-            for t in list(module.parameters()) + list(module.buffers()):
-                if id(t) not in seen:
-                    seen.add(id(t))
-                    out.append(t)
-        for state in self.optimizer.state.values():
-            out += [v for v in state.values() if isinstance(v, torch.Tensor)]
-        return out
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for tensor, copy in self.saved:
-                tensor.copy_(copy)
-            for p, state in self.optimizer.state.items():
-                if id(p) not in self.had_state:
-                    for value in state.values():
-                        if isinstance(value, torch.Tensor):
-                            value.zero_()
-
-    def values(self) -> list[torch.Tensor]:
-        """The current values of the snapshotted tensors (copies)."""
-        return [t.detach().clone() for t, _ in self.saved]
+def append_event(path: str) -> Callable[[dict[str, Any]], None]:
+    """A recorder that appends each graph event to ``path`` as one JSON line, as it happens
+    (a run that dies later still leaves the record)."""
+    def record(event: dict[str, Any]) -> None:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(event) + "\n")
+    return record
 
 
-def max_relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """Largest ``max|a - b| / max(max|a|, tiny)`` over pairs of floating tensors."""
-    worst = 0.0
-    for x, y in zip(a, b):
-        if x.is_floating_point() and x.numel():
-            scale = max(float(x.abs().max()), 1e-12)
-            worst = max(worst, float((x - y).abs().max()) / scale)
-    return worst
+def step_record(step: Any, planned: str) -> dict[str, Any]:
+    """What ``summary.json`` says of a run's training step: the mode it ran (the plan, or
+    the fallback after a failed capture), the captures made and every graph event."""
+    mode = step.mode if getattr(step, "failed", False) else planned
+    return {"step_mode": mode, "graph_captures": getattr(step, "captures", 0),
+            "graph_events": list(getattr(step, "events", []))}
 
 
 class GraphedStep:
     """A :class:`~helper.step.TrainStep` replayed from a CUDA graph for full batches.
 
     Args:
-        eager: the eager step (what the graph records; also runs the partial batches).
+        eager: the eager step (what the graph records; also runs the other batches).
         objective: the unwrapped objective (its ``graph_key(epoch)``, and the modules whose
             state the snapshots cover, with ``extra_modules``).
         extra_modules: other modules a step changes (none today; the teacher is frozen).
-        graph_api: how graphs are made; :class:`CudaGraphs` by default. Tests pass a stand-in
-            that records and re-runs the step, to exercise the bookkeeping on the CPU.
+        graph_api: how graphs are made; :class:`~helper.graph_capture.CudaGraphs` by default.
+            Tests pass stand-ins that re-run the step or raise, to exercise this on the CPU.
+        batch_size: the loader's full batch; only batches of this size are captured and
+            replayed (None: the largest seen so far).
+        on_event: called with each event (a fallback) as it happens, e.g. :func:`append_event`.
     """
 
     def __init__(self, eager: TrainStep, objective: nn.Module, extra_modules: tuple[nn.Module, ...] = (),
-                 graph_api: Optional["CudaGraphs"] = None) -> None:
+                 graph_api: Optional[CudaGraphs] = None, batch_size: Optional[int] = None,
+                 on_event: Optional[Callable[[dict[str, Any]], None]] = None) -> None:
         self.eager, self.objective = eager, objective
         self.modules = [objective, *extra_modules]
         self.api = graph_api or CudaGraphs()
+        self.batch_size, self.batch_size_given, self.on_event = batch_size, batch_size is not None, on_event
+        self.tolerance = TOLERANCES.get(eager.precision, TOLERANCES["bf16"])
         self.graph: Any = None
         self.key: Any = None
         self.static: Optional[list[torch.Tensor]] = None
         self.out: Optional[StepOut] = None
         self.failed = False
         self.captures = 0
+        self.events: list[dict[str, Any]] = []
+
+    @property
+    def mode(self) -> str:
+        """How the step runs now: ``CUDA graph``, or eager after a fallback and why."""
+        if self.failed:
+            last = self.events[-1]
+            return f"eager (the CUDA graph fell back at epoch {last['epoch']}, {last['stage']}: {last['reason']})"
+        return "CUDA graph"
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
                  views: Optional[torch.Tensor], epoch: int) -> StepOut:
         inputs = [images, labels, index] + ([views] if views is not None else [])
-        if self.failed or (self.static is not None and not self._fits(inputs)):
+        if self.failed or not self._full(images.shape[0]):
             return self.eager(images, labels, index, views, epoch)
         key = self._key(epoch)
         if self.graph is None or key != self.key or not self._fits(inputs):
             return self._capture_and_check(inputs, epoch, key)
         self._load(inputs)
-        self.api.replay(self.graph)
+        try:
+            self.api.replay(self.graph)
+        except Exception as err:  # a replay that fails leaves the step undone: run it eagerly
+            return self._fall_back("replay", err, epoch, None, inputs)
         return self.out  # type: ignore[return-value]
+
+    def _full(self, n: int) -> bool:
+        """Whether a batch of ``n`` samples is the captured size: the loader's full batch when
+        known, else the largest seen so far (a short first batch does not fix the size)."""
+        if not self.batch_size_given and n > (self.batch_size or 0):
+            self.batch_size = n
+        return n == self.batch_size
 
     def _key(self, epoch: int) -> Any:
         lrs = tuple(float(g["lr"]) for g in self.eager.optimizer.param_groups)
@@ -176,64 +181,80 @@ class GraphedStep:
             static.copy_(value, non_blocking=True)
 
     def _run_static(self, epoch: int) -> StepOut:
-        images, labels, index, *rest = self.static  # type: ignore[misc]
-        return self.eager(images, labels, index, rest[0] if rest else None, epoch)
-
-    def _capture_and_check(self, inputs: list[torch.Tensor], epoch: int, key: Any) -> StepOut:
-        if self.static is None or not self._fits(inputs):
-            self.static = [t.clone() for t in inputs]
-        self._load(inputs)
-        start = StateSnapshot(self.modules, self.eager.optimizer)
-        with self.api.side_stream():
-            for _ in range(WARMUP_STEPS):  # lazy state (momentum buffers), allocator, cuDNN plans
-                self._run_static(epoch)
-        start.restore()
-        self.eager.optimizer.zero_grad(set_to_none=True)
-        graph = self.api.new_graph()
-        out = self.api.capture(graph, lambda: self._run_static(epoch))
-        start.restore()  # a real capture runs nothing; stand-ins in tests do
-        self.captures += 1
-
-        # the same step twice from the same state: eagerly, then replayed
-        reference = self.eager(*self._unstatic(), epoch)
-        reference_loss, after_eager = reference.loss.detach().clone(), start.values()
-        start.restore()
-        self.api.replay(graph)
-        error = max(max_relative_error([reference_loss], [out.loss]),
-                    max_relative_error(after_eager, start.values()))
-        if error > CHECK_RTOL or not torch.isfinite(out.loss):
-            start.restore()
-            self.failed, self.graph = True, None
-            warnings.warn(f"the CUDA-graph step differs from the eager step by {error:.2e} "
-                          f"(relative; allowed {CHECK_RTOL:g}); this run continues eagerly")
-            return self.eager(*self._unstatic(), epoch)
-        self.graph, self.key, self.out = graph, key, out
-        return out
+        return self.eager(*self._unstatic(), epoch)
 
     def _unstatic(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         images, labels, index, *rest = self.static  # type: ignore[misc]
         return images, labels, index, (rest[0] if rest else None)
 
+    def _drop_graph(self) -> None:
+        graph, self.graph, self.out, self.key = self.graph, None, None, None
+        if graph is not None:
+            self.api.release(graph)
 
-class CudaGraphs:
-    """torch's CUDA graphs, behind the four calls :class:`GraphedStep` makes."""
+    def _capture_and_check(self, inputs: list[torch.Tensor], epoch: int, key: Any) -> StepOut:
+        self._drop_graph()  # its memory pool is freed before the next one is made
+        if not self._fits(inputs):
+            self.static = [t.clone() for t in inputs]
+        self._load(inputs)
+        start = StateSnapshot(self.modules, self.eager.optimizer)
+        stage = "warm-up"
+        try:
+            for i in range(WARMUP_STEPS):  # lazy state (momentum buffers), allocator, cuDNN plans
+                with self.api.warmup(strict=i == WARMUP_STEPS - 1):
+                    self._run_static(epoch)
+            start.restore()
+            self.eager.optimizer.zero_grad(set_to_none=True)
+            stage = "capture"
+            graph = self.api.new_graph()
+            self.graph = graph
+            out = self.api.capture(graph, lambda: self._run_static(epoch))
+            start.restore()  # a real capture runs nothing; stand-ins in tests do
+            self.captures += 1
+            stage = "check"
+            self._check(graph, out, start, epoch)
+        except Exception as err:
+            return self._fall_back(stage, err, epoch, start, inputs)
+        self.key, self.out = key, out
+        return out
 
-    def new_graph(self) -> Any:
-        return torch.cuda.CUDAGraph()
+    def _check(self, graph: Any, out: StepOut, start: StateSnapshot, epoch: int) -> None:
+        """The same step twice from the same state: eagerly, then replayed; raises
+        :class:`CaptureMismatch` unless both agree within the tolerance and are finite."""
+        kinds = self.tolerance["kinds"]
+        reference = self._run_static(epoch)
+        reference_loss, after_eager = reference.loss.detach().clone(), start.values(kinds)
+        start.restore()
+        self.api.replay(graph)
+        loss_error = max_relative_error([reference_loss], [out.loss])
+        state_error = max_relative_error(after_eager, start.values(kinds))
+        if loss_error > self.tolerance["loss"] or state_error > self.tolerance["state"]:
+            raise CaptureMismatch(
+                f"the replay differs from the eager step (loss {loss_error:.2e}, state {state_error:.2e} "
+                f"relative; allowed {self.tolerance['loss']:g}, {self.tolerance['state']:g}"
+                f"{'; not finite' if float('inf') in (loss_error, state_error) else ''})")
 
-    def capture(self, graph: Any, fn: Callable[[], StepOut]) -> StepOut:
-        """Records ``fn`` into ``graph``; its outputs become the graph's static outputs."""
-        with torch.cuda.graph(graph):
-            return fn()
+    def _fall_back(self, stage: str, err: BaseException, epoch: int, start: Optional[StateSnapshot],
+                   inputs: list[torch.Tensor]) -> StepOut:
+        """Undoes whatever the failed attempt changed, drops the graph, records why, and runs
+        this batch (and every later one) eagerly."""
+        if start is not None:
+            start.restore()
+        self.eager.optimizer.zero_grad(set_to_none=True)
+        with_graph = self.graph is not None
+        self._drop_graph()
+        self.static, self.failed = None, True
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        event = {"event": "cuda_graph_fallback", "epoch": epoch, "stage": stage, "reason": reason,
+                 "captures": self.captures, "graph_dropped": with_graph}
+        self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
+        warnings.warn(f"the CUDA-graph step failed at {stage} (epoch {epoch}; {reason}); "
+                      f"this run continues eagerly")
+        images, labels, index, *rest = inputs
+        return self.eager(images, labels, index, rest[0] if rest else None, epoch)
 
-    def replay(self, graph: Any) -> None:
-        graph.replay()
 
-    @contextlib.contextmanager
-    def side_stream(self):
-        """Runs the warm-up on a side stream, as capture requires."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            yield
-        torch.cuda.current_stream().wait_stream(stream)
+class CaptureMismatch(RuntimeError):
+    """A captured step's replay disagreed with the eager step (or was not finite)."""

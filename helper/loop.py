@@ -22,6 +22,7 @@ from helper.config import Config, learning_rate_at
 from helper.distributed import DistEnv
 from errors import UserError
 from helper.evaluate import evaluate
+from helper.graph_step import step_record
 from helper.logbook import Logbook, write_json
 from helper.step import StepOut, TrainStep, unpack
 
@@ -118,6 +119,8 @@ class Trainer:
         memory_format: of the input batches.
         step: the per-batch step; None builds the eager :class:`~helper.step.TrainStep` from
             the parts above.
+        step_mode: how the step was planned to run (the header's line); ``summary.json``
+            records it, or the fallback a CUDA-graph step took.
     """
 
     cfg: Config
@@ -134,6 +137,7 @@ class Trainer:
     task_state: Callable[[], dict[str, Any]] = field(default=lambda: {})
     memory_format: torch.memory_format = torch.contiguous_format
     step: Optional[Callable[..., StepOut]] = None
+    step_mode: str = "eager"
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set; returns mean loss terms and accuracy."""
@@ -195,6 +199,22 @@ class Trainer:
         }
         atomic_save(state, os.path.join(self.run_dir, "resume.pth"))
 
+    def skipped_files(self) -> dict[str, int]:
+        """Image files left out so far because they cannot be decoded (each warned about once):
+        ``skipped_files`` in the training set, ``skipped_val_files`` in the validation set,
+        each file counted once over all ranks and epochs; only counts above 0 ({} for
+        in-memory data, whose loaders skip nothing)."""
+        out = {}
+        for column, loader in (("skipped_files", self.train_loader), ("skipped_val_files", self.test_loader)):
+            if not hasattr(loader, "skipped"):
+                continue
+            files = [set(loader.skipped)] * self.env.world_size
+            if self.env.enabled:  # a rank's shard changes every epoch: the union, not a sum
+                torch.distributed.all_gather_object(files, set(loader.skipped))
+            if set().union(*files):
+                out[column] = len(set().union(*files))
+        return out
+
     def fit(self, progress: Progress) -> Progress:
         """Trains from ``progress.epoch + 1`` to ``cfg.epochs``; returns the final progress."""
         cfg = self.cfg
@@ -211,14 +231,13 @@ class Trainer:
             progress.epoch = epoch
             if test["acc1"] > progress.best_acc:
                 progress.best_acc, progress.best_epoch = test["acc1"], epoch
+            skipped = self.skipped_files()  # on every rank: gathers the ranks' files
             if self.env.is_main:
                 row = {"epoch": epoch, "lr": lr, "train_loss": train["loss"], "train_acc": train["acc"],
                        "test_acc": test["acc1"], "test_acc5": test["acc5"], "test_loss": test["loss"],
                        "seconds": seconds}
                 row.update({k: v for k, v in train.items() if k.startswith("loss_")})
-                skipped = getattr(self.train_loader, "num_skipped", 0)
-                if skipped:  # undecodable image files, skipped with a warning (ImageNet)
-                    row["skipped_files"] = skipped
+                row.update(skipped)
                 self.save_checkpoints(progress, test["acc1"])
                 assert self.logbook is not None
                 self.logbook.log_epoch(row)
@@ -231,5 +250,6 @@ class Trainer:
             last = self.logbook.rows[-1]["test_acc"] if self.logbook and self.logbook.rows else 0.0
             write_json(os.path.join(self.run_dir, "summary.json"), {
                 "best_acc": progress.best_acc, "best_epoch": progress.best_epoch,
-                "last_acc": last, "epochs": cfg.epochs, "finished": True})
+                "last_acc": last, "epochs": cfg.epochs, "finished": True,
+                **step_record(self.step, self.step_mode)})  # the mode used, and any graph fallback
         return progress

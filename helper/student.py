@@ -30,10 +30,13 @@ from helper.init_stage import run_init_stage
 from helper.loop import Trainer
 from helper.run import (check_data_fits, closed_on_failure, load_data, make_loaders, make_logbook,
                         open_run_dir, restore, seed_everything, train_and_report)
-from helper.graph_step import GraphedStep, graph_plan, report_step_mode
+from helper.graph_step import GRAPH_EVENTS, GraphedStep, append_event, graph_plan, report_step_mode
 from helper.speed import autocast, maybe_compile, memory_format
 from helper.step import TrainStep
-from helper.student_flags import build_parser, default_run_name, resolve_config, unused_flags
+from helper.run_lock import RunLock
+from helper.student_flags import (build_parser, default_run_name, legacy_run_name, resolve_config,
+                                  unused_flags)
+from helper.teacher_cache.class_means import class_means_for_run
 
 @dataclass(frozen=True)
 class TeacherFile:
@@ -84,10 +87,25 @@ def configure(argv: Optional[Sequence[str]], env: distributed.DistEnv) -> tuple[
         return cfg.replace(teacher_sha256=teacher.sha256)
 
     cfg = resolve(flags, None)
-    run_name = cfg.run_name or default_run_name(cfg)
+    run_name = run_name_of(cfg)
     run_dir = os.path.join(cfg.save_root, "student_model", run_name)
     cfg = resume.reconcile(cfg, flags, given, run_dir, resolve, option_names(parser), unused_flags)
     return cfg, teacher, run_name
+
+
+def run_name_of(cfg: Config) -> str:
+    """``--run_name``, else the default name; with ``--resume``, a run started under the
+    default name of earlier versions (``S:…_T:…``, before names were shell-safe) continues in
+    its own folder when the current name's folder holds no run."""
+    name = cfg.run_name or default_run_name(cfg)
+    if cfg.run_name or not cfg.resume:
+        return name
+    root = os.path.join(cfg.save_root, "student_model")
+    old = legacy_run_name(cfg)
+    if (not os.path.exists(os.path.join(root, name, "config.json"))
+            and os.path.exists(os.path.join(root, old, "config.json"))):
+        return old
+    return name
 
 
 def build_method(name: str, ctx) -> nn.Module:
@@ -103,7 +121,8 @@ def build_objective(cfg: Config, env: distributed.DistEnv, data, teacher: nn.Mod
     """The student (``cfg.model_s``) and its methods, on ``env.device``."""
     student = models.create_model(cfg.model_s, data.num_classes).to(env.device)
     ctx = method_context(cfg, student, teacher, cfg.model_s, cfg.model_t, data.train_labels.to(env.device),
-                         data.num_classes, env.device, data.image_size)
+                         data.num_classes, env.device, data.image_size,
+                         teacher_class_means=class_means_for_run(cfg, env, data, teacher))  # KD++
     main = build_method(cfg.distill, ctx).to(env.device)
     add = build_method(cfg.add, ctx).to(env.device) if cfg.add and cfg.alpha else None
     return DistillObjective(student, main, add, cfg.gamma, cfg.alpha, cfg.beta)
@@ -134,9 +153,11 @@ class Step:
 
 def assemble_step(cfg: Config, env: distributed.DistEnv, objective: DistillObjective,
                   teacher: nn.Module, fmt: torch.memory_format,
-                  cached: Optional[teacher_cache.CachedTeacher] = None) -> Step:
+                  cached: Optional[teacher_cache.CachedTeacher] = None,
+                  events_file: Optional[str] = None) -> Step:
     """The parts of one training step (``scripts/benchmark.py`` times exactly these); the
-    step's teacher is ``cached`` when given, else the live frozen ``teacher``."""
+    step's teacher is ``cached`` when given, else the live frozen ``teacher``. A CUDA-graph
+    step appends each fallback to ``events_file`` (a run's ``graph_events.jsonl``) when given."""
     teacher.to(memory_format=fmt)
     distributed.convert_sync_bn(objective, cfg.sync_bn, env)
     objective.student.to(memory_format=fmt)
@@ -152,7 +173,8 @@ def assemble_step(cfg: Config, env: distributed.DistEnv, objective: DistillObjec
     objective.student = maybe_compile(student, cfg.compile, cfg.compile_mode)
     trainable = distributed.wrap(objective, env)
     eager = TrainStep(trainable, frozen, optimizer, cfg.precision, fmt, cache_casts=not graphed)
-    run = GraphedStep(eager, objective) if graphed else eager
+    run = GraphedStep(eager, objective, batch_size=cfg.batch_size // env.world_size,
+                      on_event=append_event(events_file) if events_file else None) if graphed else eager
     return Step(student, frozen, optimizer, trainable, run, mode)
 
 
@@ -173,6 +195,13 @@ def train(argv: Optional[Sequence[str]] = None) -> str:
     env = distributed.setup(parse_with(build_parser(), argv).device)
     cfg, teacher_file, run_name = configure(argv, env)
     run_dir = os.path.join(cfg.save_root, "student_model", run_name)
+    with RunLock(run_dir, env.is_main):  # one process owns the run folder until the run ends
+        return _train(cfg, env, teacher_file, run_name, run_dir)
+
+
+def _train(cfg: Config, env: distributed.DistEnv, teacher_file: TeacherFile, run_name: str,
+           run_dir: str) -> str:
+    """The run itself, in the locked run folder ``run_dir``."""
     data = load_data(cfg, env)
     check_data_fits(cfg, data, (cfg.model_s, cfg.model_t))
     teacher = build_teacher(teacher_file.checkpoint, teacher_file.path, cfg.model_t, data.num_classes,
@@ -182,7 +211,7 @@ def train(argv: Optional[Sequence[str]] = None) -> str:
     objective = build_objective(cfg, env, data, teacher)
     formula = describe_objective(cfg.gamma, cfg.alpha, cfg.beta, cfg.distill,
                                  cfg.add if objective.use_add else None,
-                                 getattr(objective.main, "main_is_zero", False))
+                                 getattr(objective.main, "main_is_zero", False), cfg)
     cache_plan = teacher_cache.plan(cfg, env, data, objective.feature_kind)
     train_loader, test_loader = make_loaders(cfg, env, data, fmt)
     with closed_on_failure(train_loader, test_loader):
@@ -199,7 +228,7 @@ def train(argv: Optional[Sequence[str]] = None) -> str:
             print(cache_plan.header_line(), flush=True)
             warn_if_plain_training(cfg, objective)
         cached = teacher_cache.teacher_for_run(cache_plan, env, data, teacher, fmt)
-        step = assemble_step(cfg, env, objective, teacher, fmt, cached)
+        step = assemble_step(cfg, env, objective, teacher, fmt, cached, os.path.join(run_dir, GRAPH_EVENTS))
         report_step_mode(cfg, env, step.mode)
         progress = restore(cfg, env, run_dir, cfg.model_s, step.student, step.optimizer, train_loader,
                            objective.load_task_state)
@@ -208,7 +237,7 @@ def train(argv: Optional[Sequence[str]] = None) -> str:
         trainer = Trainer(cfg, env, step.trainable, step.student, cfg.model_s, step.optimizer,
                           train_loader, test_loader, run_dir, make_logbook(env, run_dir, progress, text_log),
                           teacher=step.teacher, task_state=objective.task_state, memory_format=fmt,
-                          step=step.run)
+                          step=step.run, step_mode=step.mode)
         if fresh:
             run_init_stage(objective.main.init_stage(), step.student, teacher, trainer)
             objective.freeze_untrained()  # what only the initialisation stage trains is frozen again

@@ -15,8 +15,10 @@ from helper import distributed, resume, teacher_cache
 from helper.config import Config, OneLineParser, add_common_arguments, derive_common, parse_with
 from helper.distill import resolve_weights
 
-# Short names the seed code's run names use for the flags it puts there.
-NAME_KEYS = {"ttm_l": "l", "kd_T": "T"}
+# Short keys of run names: the seed's ``l`` for TTM's power; ``kdT``, not the seed's ``T``,
+# which would read as the teacher (``T-<teacher>``).
+NAME_KEYS = {"ttm_l": "l", "kd_T": "kdT"}
+LEGACY_NAME_KEYS = {"ttm_l": "l", "kd_T": "T"}
 # Method flags always named when their method is in use (the seed's habit); others only when
 # they differ from their default.
 ALWAYS_NAMED = ("ttm_l", "kd_T")
@@ -113,38 +115,81 @@ def parse_config(argv: Sequence[str], env: distributed.DistEnv, teacher_name: st
 
 
 def default_run_name(cfg: Mapping[str, Any]) -> str:
-    """The run folder name: the seed's, plus every training flag that tells runs apart.
+    """The run folder name: shell-safe without quoting, one spelling per flag.
 
-    ``S:<student>_T:<teacher>_<data>_<distill>[+<add>]_r:<r>_a:<a>_b:<b>`` then, for the
-    methods in use, ``l:<ttm_l>`` / ``T:<kd_T>`` and any of their flags off its default, then
-    every other training flag off its default (``batch_size:128``), ``seed:<n>`` when the seed
-    was given, and the trial last. ``--epochs`` is left out: a run may be resumed to more.
+    ``S-<student>_T-<teacher>_<data>_<distill>[+<add>]_r<r>_a<a>_b<b>`` then, for the methods
+    in use, ``l<ttm_l>`` / ``kdT<kd_T>`` and any of their flags off its default, then every
+    other training flag off its default (``batchsize128``), ``seed<n>`` when the seed was
+    given, and ``trial<t>`` last. A token is the flag without underscores (``nce_k`` →
+    ``ncek``) followed by its value: a number directly, in its shortest exact form (``1``,
+    ``0.1``, ``5e-05``); a word after a hyphen (``precision-bf16``); an option that is on,
+    alone (``syncbn``). Values keep only ``A-Z a-z 0-9 . + -`` (``150,180`` → ``150-180``).
+    ``--epochs`` is left out: a run may be resumed to more.
     """
+    return _run_name(cfg, _token, ("S-", "T-"), "trial")
+
+
+def legacy_run_name(cfg: Mapping[str, Any]) -> str:
+    """The default run name before shell-safe names (``S:resnet8_T:resnet32x4_…_r:1.0_…_l:1_0``):
+    what ``--resume`` looks for when the current name's folder holds no run."""
+    return _run_name(cfg, _legacy_token, ("S:", "T:"), "")
+
+
+def _run_name(cfg: Mapping[str, Any], token: Any, models_prefix: tuple[str, str], trial: str) -> str:
     method = cfg["distill"] + (f"+{cfg['add']}" if cfg.get("add") and cfg.get("alpha") else "")
-    parts = [f"S:{cfg['model_s']}", f"T:{cfg['model_t']}", cfg["dataset"], method,
-             f"r:{cfg['gamma']}", f"a:{cfg['alpha']}", f"b:{cfg['beta']}"]  # the seed's spelling
+    student, teacher = models_prefix
+    parts = [f"{student}{cfg['model_s']}", f"{teacher}{cfg['model_t']}", cfg["dataset"], method,
+             *(token(key, cfg[dest], weight=True) for key, dest in (("r", "gamma"), ("a", "alpha"), ("b", "beta")))]
     defaults = {a.dest: a.default for a in build_parser()._actions}
     flags = cfg.get("flags", cfg)
     in_use = [f.dest for cls in methods_in_use(cfg) for f in cls.flags]
-    shown = set()
     for dest in dict.fromkeys(in_use):
         if dest in ALWAYS_NAMED or flags.get(dest) != defaults.get(dest):
-            parts.append(f"{NAME_KEYS.get(dest, dest)}:{_short(flags.get(dest))}")
-        shown.add(dest)
+            parts.append(token(dest, flags.get(dest)))
     method_dests = {f.dest for _, cls in METHODS.items() for f in cls.flags}
-    skip = (shown | method_dests | resume.FREE_TO_CHANGE
+    skip = (method_dests | resume.FREE_TO_CHANGE
             | {"model_s", "model_t", "dataset", "distill", "add", "gamma", "alpha", "beta",
                "epochs", "seed", "trial"})
     for dest, default in defaults.items():
         if dest not in skip and dest != "help" and flags.get(dest, default) != default:
-            parts.append(f"{dest}:{_short(flags[dest])}")
+            parts.append(token(dest, flags[dest]))
     if flags.get("seed"):
-        parts.append(f"seed:{flags['seed']}")
-    parts.append(str(cfg["trial"]))
+        parts.append(token("seed", flags["seed"]))
+    parts.append(token(trial, str(cfg["trial"])) if trial else str(cfg["trial"]))
     return "_".join(parts)
 
 
-def _short(value: Any) -> str:
+def _number(value: float) -> str:
+    """Shortest exact spelling: ``1.0`` → ``1``, ``0.1`` → ``0.1``, ``5e-05`` stays."""
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+def _word(text: str) -> str:
+    """``text`` with every character outside ``A-Z a-z 0-9 . + -`` replaced by ``-``."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in ".+-") else "-" for c in text)
+
+
+def _token(dest: str, value: Any, weight: bool = False) -> str:
+    key = NAME_KEYS.get(dest, dest.replace("_", ""))
+    if isinstance(value, bool):
+        return key if value else f"no{key}"
+    if isinstance(value, (int, float)):
+        text = _number(value)
+    else:
+        text = _word(str(value))
+    joined = text[:1].isdigit() and not key[-1:].isdigit()
+    return f"{key}{text}" if joined else f"{key}-{text}"
+
+
+def _legacy_token(dest: str, value: Any, weight: bool = False) -> str:
+    if weight:  # the seed's spelling: the float as Python prints it
+        return f"{dest}:{value}"
+    return f"{LEGACY_NAME_KEYS.get(dest, dest)}:{_legacy_short(value)}"
+
+
+def _legacy_short(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):

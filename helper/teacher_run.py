@@ -20,7 +20,8 @@ from helper.config import (Config, OneLineParser, add_common_arguments, derive_c
 from helper.loop import Trainer
 from helper.run import (check_data_fits, closed_on_failure, load_data, make_loaders, make_logbook,
                         open_run_dir, restore, seed_everything, train_and_report)
-from helper.graph_step import GraphedStep, graph_plan, report_step_mode
+from helper.run_lock import RunLock
+from helper.graph_step import GRAPH_EVENTS, GraphedStep, append_event, graph_plan, report_step_mode
 from helper.speed import maybe_compile, memory_format
 from helper.step import TrainStep
 
@@ -80,6 +81,12 @@ def train(argv: Optional[Sequence[str]] = None) -> str:
     """Trains the network ``argv`` describes; returns the path of its best checkpoint."""
     env = distributed.setup(parse_with(build_parser(), argv).device)
     cfg, run_dir = configure(argv, env)
+    with RunLock(run_dir, env.is_main):  # one process owns the run folder until the run ends
+        return _train(cfg, env, run_dir)
+
+
+def _train(cfg: Config, env: distributed.DistEnv, run_dir: str) -> str:
+    """The run itself, in the locked run folder ``run_dir``."""
     data = load_data(cfg, env)
     check_data_fits(cfg, data, (cfg.model,))
     open_run_dir(cfg, env, run_dir)
@@ -100,7 +107,9 @@ def train(argv: Optional[Sequence[str]] = None) -> str:
         report_step_mode(cfg, env, mode)
         trainable = distributed.wrap(objective, env)
         eager = TrainStep(trainable, None, optimizer, cfg.precision, fmt, cache_casts=not graphed)
+        run = GraphedStep(eager, objective, batch_size=cfg.batch_size,
+                          on_event=append_event(os.path.join(run_dir, GRAPH_EVENTS))) if graphed else eager
         trainer = Trainer(cfg, env, trainable, model, cfg.model, optimizer,
                           train_loader, test_loader, run_dir, make_logbook(env, run_dir, progress),
-                          memory_format=fmt, step=GraphedStep(eager, objective) if graphed else eager)
+                          memory_format=fmt, step=run, step_mode=mode)
         return train_and_report(trainer, progress)

@@ -1,7 +1,7 @@
 """A short calibration of packed runs, cached: aggregate throughput of K runs on one device.
 
 For a run's configuration (teacher, student, method, per-process batch, data set, speed
-flags) and each K, a round runs K processes of :mod:`helper.tables.calibrate_worker` on one
+flags) and each K, a round runs K processes of :mod:`paper_tables.calibrate_worker` on one
 device (``CUDA_VISIBLE_DEVICES`` naming it, or the CPU), each with its share of the CPU
 threads; they build the run's real training step, warm up, wait for each other, and time
 ``steps`` steps on synthetic batches at once (the processes stay up from round to round,
@@ -25,9 +25,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 from errors import UserError
-from helper.tables.packing import thread_share
+from paper_tables.paths import REPO
+from paper_tables.packing import thread_share
+from paper_tables.trial_progress import format_duration as _duration
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DECLINE = 0.9  # a round this far below the best so far ends the calibration
 # Training-set size and classes of each data set (the estimate's steps per epoch and the
 # synthetic labels; digits: dataset/digits.py's 75 % split of scikit-learn's 1,797).
@@ -72,12 +73,16 @@ class Spec:
 
 @dataclass
 class Calibration:
-    """Measured aggregate images/s by K, and the Ks not measured (K → why)."""
+    """Measured aggregate images/s by K, and the Ks not measured (K → why); ``steps`` and
+    ``written``: the timed steps per process and the time of the last measurement (None when
+    a cache file predates them)."""
 
     spec: Spec
     rates: dict[int, float]
     stopped: dict[int, str]
     path: str
+    steps: Optional[int] = None
+    written: Optional[str] = None
 
     def best_k(self) -> int:
         return max(self.rates, key=lambda k: self.rates[k])
@@ -91,7 +96,8 @@ def read_cache(folder: str, spec: Spec) -> Calibration:
             data = json.load(handle)
         if data.get("key") == spec.key():
             return Calibration(spec, {int(k): float(v) for k, v in data["rates"].items()},
-                               {int(k): str(v) for k, v in data.get("stopped", {}).items()}, path)
+                               {int(k): str(v) for k, v in data.get("stopped", {}).items()}, path,
+                               data.get("steps"), data.get("written"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return Calibration(spec, {}, {}, path)
@@ -104,7 +110,8 @@ def write_cache(cal: Calibration) -> None:
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump({"key": cal.spec.key(), "rates": {str(k): v for k, v in sorted(cal.rates.items())},
                    "stopped": {str(k): v for k, v in sorted(cal.stopped.items())},
-                   "written": time.strftime("%Y-%m-%d %H:%M:%S")}, handle, indent=1)
+                   "steps": cal.steps, "written": cal.written or time.strftime("%Y-%m-%d %H:%M:%S")},
+                  handle, indent=1)
     os.replace(tmp, cal.path)
 
 
@@ -112,8 +119,7 @@ def worker_env(environ: Mapping[str, str], gpu: Optional[str], threads: int) -> 
     """A worker's environment: one device, its thread share, no inherited torchrun variables."""
     env = {k: v for k, v in environ.items() if k not in DIST_VARIABLES}
     env.update(CUDA_VISIBLE_DEVICES=gpu if gpu is not None else "", OMP_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads),
-               PYTHONPATH=os.pathsep.join(p for p in (REPO, environ.get("PYTHONPATH", "")) if p))
+               MKL_NUM_THREADS=str(threads))
     return env
 
 
@@ -128,6 +134,9 @@ class WorkerPool:
     def __init__(self, spec: Spec, environ: Mapping[str, str], gpu: Optional[str], n_train: int,
                  classes: int, steps: int, warmup: int) -> None:
         self.environ, self.gpu = environ, gpu
+        self.progress: Callable[[str], None] = lambda line: None  # see calibrate()
+        self.progress_s, self.steps, self.k = 30.0, steps, 0
+        self.label = f"{spec.teacher}:{spec.student} {spec.method}"
         self.tmp = tempfile.TemporaryDirectory(prefix="calibration-")
         self.folder = self.tmp.name
         self.spec_path = os.path.join(self.folder, "spec.json")
@@ -152,11 +161,12 @@ class WorkerPool:
             i = len(self.procs)
             self.logs.append(open(os.path.join(self.folder, f"stderr_{i}.txt"), "w"))
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "helper.tables.calibrate_worker", "--spec", self.spec_path, "--index", str(i),
+                [sys.executable, "-m", "paper_tables.calibrate_worker", "--spec", self.spec_path, "--index", str(i),
                  "--first_round", str(r)], cwd=REPO, env=worker_env(self.environ, self.gpu, threads),
                 stdout=subprocess.DEVNULL, stderr=self.logs[i]))
         live = self.procs[:k]
         ready = [os.path.join(self.folder, f"ready_{i}_{r}") for i in range(k)]
+        self.k = k
         why = self._wait(live, ready, timeout_s)
         if why:
             return None, why
@@ -176,16 +186,35 @@ class WorkerPool:
 
     def _wait(self, procs: Sequence[subprocess.Popen], paths: Sequence[str], timeout_s: float) -> str:
         """'' once every path exists; else why not (a worker died, or the time ran out)."""
-        deadline = time.time() + timeout_s
+        start = time.time()
+        deadline, shown = start + timeout_s, start
         while not all(os.path.exists(p) for p in paths):
             failed = [i for i, p in enumerate(procs) if p.poll() is not None]
             if failed:
                 return _last_line(os.path.join(self.folder, f"stderr_{failed[0]}.txt"))
             if time.time() > deadline:
                 return f"the round took longer than {timeout_s:.0f} s"
+            if self.progress_s > 0 and time.time() - shown >= self.progress_s:
+                shown = time.time()
+                self.progress(self._where(shown - start))
             time.sleep(0.02)
         return ""
 
+    def _where(self, waited: float) -> str:
+        """A progress line: what the first worker of the round is doing, and what is left."""
+        try:
+            with open(os.path.join(self.folder, "progress_0.json"), encoding="utf-8") as handle:
+                p = json.load(handle)
+        except (OSError, ValueError):
+            return f"# calibration {self.label}: K={self.k}: starting its processes ({_duration(waited)} into the round)"
+        line = f"# calibration {self.label}: K={self.k}: {p['phase']}"
+        if p.get("of"):
+            line += f" step {p['step']}/{p['of']}"
+        per_step = p.get("per_step")
+        if per_step:
+            left = (p["of"] - p["step"]) + (self.steps if p["phase"] == "warm-up" else 0)
+            line += f", {per_step:.2g} s a step: about {_duration(left * per_step)} left in this round"
+        return line + f" ({_duration(waited)} into the round)"
     def close(self) -> None:
         """Tells the workers to stop, then ends any that did not (only ours, by handle)."""
         open(os.path.join(self.folder, "stop"), "w").close()
@@ -210,7 +239,8 @@ def _last_line(path: str) -> str:
 def calibrate(spec: Spec, ks: Sequence[int], folder: str, gpu: Optional[str], cores: int,
               steps: int = 30, warmup: int = 5, recalibrate: bool = False, timeout_s: float = 900.0,
               log: Callable[[str], None] = print, environ: Optional[Mapping[str, str]] = None,
-              measure: bool = True) -> Calibration:
+              measure: bool = True, progress: Callable[[str], None] = lambda line: None,
+              progress_s: float = 30.0) -> Calibration:
     """The aggregate rates of ``spec`` for ``ks``, from the cache or measured (and cached).
 
     Args:
@@ -219,6 +249,8 @@ def calibrate(spec: Spec, ks: Sequence[int], folder: str, gpu: Optional[str], co
         gpu: the ``CUDA_VISIBLE_DEVICES`` entry of the device to use; None for the CPU.
         cores: CPU cores shared by a round's workers.
         measure: False reads the cache only (a dry run starts no process).
+        progress: hears what is about to be measured and how long a round may take, a line
+            every ``progress_s`` seconds while a round runs, and which cached rates are reused.
 
     Raises:
         UserError: K = 1 itself cannot run (the run would not run either).
@@ -229,12 +261,25 @@ def calibrate(spec: Spec, ks: Sequence[int], folder: str, gpu: Optional[str], co
     n_train, classes = DATASET_SHAPES[spec.dataset]
     environ = os.environ if environ is None else environ
     cal = Calibration(spec, {}, {}, read_cache(folder, spec).path) if recalibrate else read_cache(folder, spec)
+    cached = sorted(k for k in ks if k in cal.rates)
+    if cached:
+        how = f"{cal.steps} timed steps per process" if cal.steps else "an unrecorded number of timed steps"
+        progress(f"# calibration {spec.teacher}:{spec.student} {spec.method}: reusing the cached rates of "
+                 f"K={', '.join(map(str, cached))}, measured {cal.written or 'earlier'} from {how} "
+                 f"({cal.path}; --recalibrate measures again)")
     if not measure:
         return cal
     todo = [k for k in ks if k not in cal.rates]
     if todo and not any(stop <= todo[0] for stop in cal.stopped):
+        progress(f"# calibration {spec.teacher}:{spec.student} {spec.method}: measuring the training step "
+                 f"(batch {spec.batch} per process, {spec.device_name}) with K={', '.join(map(str, todo))} "
+                 f"process(es) at once: each builds the run's step, warms up {warmup} steps and times {steps} "
+                 f"on synthetic batches; a round ends after {timeout_s:.0f} s at most, and rounds stop at "
+                 "the first that is slower")
         with WorkerPool(spec, environ, gpu, n_train, classes, steps, warmup) as pool:
+            pool.progress, pool.progress_s = progress, progress_s
             _measure(cal, pool, ks, cores, environ.get("OMP_NUM_THREADS"), timeout_s, log)
+        cal.steps, cal.written = steps, None
     write_cache(cal)
     return cal
 

@@ -1,6 +1,6 @@
 """One process of a packing calibration: times real training steps on synthetic batches.
 
-    python -m helper.tables.calibrate_worker --spec DIR/spec.json --index I --first_round R
+    python -m paper_tables.calibrate_worker --spec DIR/spec.json --index I --first_round R
 
 The step is built as ``train_student.py`` builds it (``helper.student_flags.parse_config``,
 ``build_objective``, ``assemble_step``) and driven by ``helper.loop.Trainer.train_epoch``
@@ -9,7 +9,7 @@ sample indices; the teacher has random weights, which does not change the work d
 data loader is left out, and the teacher runs live (a run that finds a teacher-output
 cache skips it, and goes faster than calibrated): what is timed is the training step. The process warms up, then
 for each round r from R: writes ``ready_<I>_<r>``, waits for ``go_<r>`` (written by
-:class:`helper.tables.calibrate.WorkerPool` once every process of the round is ready, so that the
+:class:`paper_tables.calibrate.WorkerPool` once every process of the round is ready, so that the
 timed windows overlap; it holds the round's CPU-thread share), times ``steps`` steps and
 writes ``result_<I>_<r>.json``: images, start and end (``time.time()`` seconds). It ends
 when ``stop`` appears.
@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from types import SimpleNamespace
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -43,12 +43,16 @@ class CycledBatches:
 
     def __init__(self, batches: list[tuple[torch.Tensor, ...]]) -> None:
         self.batches, self.steps = batches, 1
+        self.on_step: Optional[Callable[[int], None]] = None  # told i when batch i is asked for
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        return (self.batches[i % len(self.batches)] for i in range(self.steps))
+        for i in range(self.steps):
+            if self.on_step is not None:
+                self.on_step(i)  # batch i is asked for once step i - 1 has been queued
+            yield self.batches[i % len(self.batches)]
 
 
 def synthetic_batches(n: int, batch: int, size: int, classes: int, n_train: int, device: torch.device,
@@ -81,13 +85,36 @@ def build_trainer(spec: dict[str, Any], env: distributed.DistEnv, save_root: str
                    memory_format=fmt, step=getattr(step, "run", None))  # the run's own step object
 
 
-def run_steps(trainer: Trainer, steps: int) -> None:
-    """``steps`` training steps; ends with the loop's host sync (its meters are read)."""
+def run_steps(trainer: Trainer, steps: int, report: Optional["Progress"] = None, phase: str = "") -> None:
+    """``steps`` training steps; ends with the loop's host sync (its meters are read).
+    ``report`` hears of each step taken (written at most once a second)."""
     trainer.train_loader.steps = steps
+    trainer.train_loader.on_step = (lambda i: report.write(phase, i, steps)) if report else None
     try:
         trainer.train_epoch(1)
     except NonFiniteLoss:  # raised at the epoch-end read, after every step ran: timing holds
         pass
+    if report:
+        report.write(phase, steps, steps, force=True)
+
+
+class Progress:
+    """``progress_<I>.json``: the phase (build, warm-up, timed), the step reached and the
+    seconds so far, for :class:`paper_tables.calibrate.WorkerPool` to show while it waits."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.start, self.last = path, time.time(), 0.0
+        self.phase, self.phase_start = "", self.start
+
+    def write(self, phase: str, step: int, of: int, force: bool = False) -> None:
+        now = time.time()
+        if phase != self.phase:
+            self.phase, self.phase_start = phase, now
+        if force or step <= 1 or now - self.last >= 1.0:  # a file write per step would cost time
+            self.last = now
+            per_step = (now - self.phase_start) / step if step else None
+            write_json(self.path, {"phase": phase, "step": step, "of": of, "elapsed": now - self.start,
+                                   "per_step": per_step})
 
 
 def wait_for_either(go: str, stop: str, timeout_s: float) -> bool:
@@ -110,8 +137,8 @@ def write_json(path: str, data: dict) -> None:
 
 @exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="one process of a packing calibration (helper.tables.calibrate)")
-    p.add_argument("--spec", required=True, help="the round's spec.json (written by helper.tables.calibrate)")
+    p = argparse.ArgumentParser(description="one process of a packing calibration (paper_tables.calibrate)")
+    p.add_argument("--spec", required=True, help="the round's spec.json (written by paper_tables.calibrate)")
     p.add_argument("--index", type=int, required=True, help="this process's index in the round")
     p.add_argument("--first_round", type=int, default=0, help="the first round it takes part in")
     args = p.parse_args(argv)
@@ -120,9 +147,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     folder = os.path.dirname(os.path.abspath(args.spec))
     torch.manual_seed(args.index)
     env = distributed.setup(spec["device"])
+    report = Progress(os.path.join(folder, f"progress_{args.index}.json"))
+    report.write("building the step", 0, 0, force=True)
     with tempfile.TemporaryDirectory() as save_root:
         trainer = build_trainer(spec, env, save_root)
-        run_steps(trainer, int(spec["warmup"]))
+        run_steps(trainer, int(spec["warmup"]), report, "warm-up")
         r = args.first_round
         while True:
             open(os.path.join(folder, f"ready_{args.index}_{r}"), "w").close()
@@ -132,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with open(go, encoding="utf-8") as handle:
                 torch.set_num_threads(int(handle.read().strip() or torch.get_num_threads()))
             start = time.time()
-            run_steps(trainer, int(spec["steps"]))
+            run_steps(trainer, int(spec["steps"]), report, "timed")
             end = time.time()
             write_json(os.path.join(folder, f"result_{args.index}_{r}.json"),
                        {"images": int(spec["steps"]) * trainer.cfg.batch_size, "start": start, "end": end})

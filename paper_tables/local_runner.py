@@ -17,10 +17,10 @@ import uuid
 from dataclasses import dataclass
 from typing import IO, Optional, Sequence
 
-from helper.tables import trial_progress as tp
-from helper.tables.gpu_slots import Slot, slot_launch, slot_name
-from helper.tables.trial_lock import LOG, acquire, outcome, release
-from helper.tables.trial_plan import Trial
+from paper_tables import trial_progress as tp
+from paper_tables.gpu_slots import Slot, slot_launch, slot_name
+from paper_tables.trial_lock import LOG, acquire, outcome, release
+from paper_tables.trial_plan import Trial
 
 POLL_S = 0.2  # how often the runner polls its processes (no file reads)
 STOP_GRACE_S = 30  # how long interrupted runs get to end before they are killed
@@ -69,7 +69,7 @@ class LocalRun:
 
     Args:
         trials: the trials to run, in order.
-        slots: one entry per concurrent run (see :func:`helper.tables.gpu_slots.gpu_slots`).
+        slots: one entry per concurrent run (see :func:`paper_tables.gpu_slots.gpu_slots`).
         progress_s: seconds between progress prints (0: none).
         threads: CPU threads per process (None: as the environment says).
     """

@@ -2,9 +2,9 @@
 
 ``scripts/reproduce.py`` groups the trials still to run by what their speed depends on
 (teacher, student, data set, per-process batch, speed flags), calibrates each group with
-its first trial's configuration (:mod:`helper.tables.calibrate`; the methods of a pair are taken
-to pack alike), picks K (:func:`helper.tables.packing.choose_k`) and projects the plan's
-device-hours and wall time (:func:`helper.tables.packing.estimate`). Calibration rounds run on
+its first trial's configuration (:mod:`paper_tables.calibrate`; the methods of a pair are taken
+to pack alike), picks K (:func:`paper_tables.packing.choose_k`) and projects the plan's
+device-hours and wall time (:func:`paper_tables.packing.estimate`). Calibration rounds run on
 the first device of the plan; a GPU plan assumes its GPUs are alike.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import platform
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
 
-from helper.tables import calibrate, packing, trial_progress
-from helper.tables.gpu_slots import Slot, slot_launch
-from helper.tables.trial_plan import Trial, run_values
+from paper_tables import calibrate, packing, trial_progress
+from paper_tables.gpu_slots import Slot, slot_launch
+from paper_tables.trial_plan import Trial, run_values
 
 
 @dataclass
@@ -37,6 +37,11 @@ class PackingPlan:
     calibrations: list[tuple[calibrate.Calibration, list[Trial]]]
     estimate: Optional[packing.Estimate]
     mps: Optional[str]
+
+
+def say(line: str) -> None:
+    """Prints a plan line at once (a calibration's progress must not wait in a pipe's buffer)."""
+    print(line, flush=True)
 
 
 def cpu_name() -> str:
@@ -98,7 +103,8 @@ def calibrate_groups(trials: Sequence[Trial], slot: Slot, ks: Sequence[int], arg
     for spec, members in groups.values():
         cal = calibrate.calibrate(spec, [k * per_device for k in ks], os.path.join(args.save_root, "calibration"),
                                   gpu, cores, steps=args.calibration_steps, recalibrate=args.recalibrate,
-                                  log=log, environ=environ, measure=measure)
+                                  log=log, environ=environ, measure=measure, progress=log,
+                                  progress_s=getattr(args, "calibration_progress_s", 30.0))
         cal.rates = {k // per_device: r for k, r in cal.rates.items() if k % per_device == 0}
         done.append((cal, members))
     return done, mps
@@ -106,7 +112,7 @@ def calibrate_groups(trials: Sequence[Trial], slot: Slot, ks: Sequence[int], arg
 
 def plan_packing(trials: Sequence[Trial], base: Sequence[Slot], jobs: Union[int, str], args: argparse.Namespace,
                  environ: Mapping[str, str], measure: bool = True,
-                 log: Callable[[str], None] = print) -> PackingPlan:
+                 log: Optional[Callable[[str], None]] = None) -> PackingPlan:
     """Calibrates (or reads the cache), chooses K and estimates the plan.
 
     Args:
@@ -116,6 +122,7 @@ def plan_packing(trials: Sequence[Trial], base: Sequence[Slot], jobs: Union[int,
         args: ``save_root``, ``recalibrate``, ``calibration_steps``.
         measure: False only reads cached calibrations (a dry run).
     """
+    log = log or say
     slot, auto = base[0], jobs == packing.AUTO
     per_device = slot.procs if slot.cpu else 1
     ks = packing.candidate_ks(slot.cpu, packing.available_cores() // per_device) if auto else [int(jobs)]

@@ -1,6 +1,6 @@
 """Several runs per GPU: the arithmetic of packing, CPU-thread shares, estimates and MPS.
 
-``scripts/reproduce.py --jobs-per-gpu auto`` runs a short calibration (:mod:`helper.tables.calibrate`)
+``scripts/reproduce.py --jobs-per-gpu auto`` runs a short calibration (:mod:`paper_tables.calibrate`)
 that measures the aggregate training throughput of K concurrent runs on one device
 (images/s summed over the K processes) and picks K here: the K whose projected time for
 the whole plan is within :data:`TOLERANCE` of the shortest, the smallest such K (fewer

@@ -1,6 +1,6 @@
-"""The paper's ImageNet table as :class:`~helper.tables.recipes.Cell` objects.
+"""The paper's ImageNet table as :class:`~paper_tables.cells.Cell` objects.
 
-``scripts/recipes_imagenet.json`` holds the table of the official README (ResNet-34 →
+``paper_tables/recipes_imagenet.json`` holds the table of the official README (ResNet-34 →
 ResNet-18 and ResNet-50 → MobileNetV1: KD, CRD, ReviewKD, ITRD, DKD, DIST, WTTM, plus the
 teacher and vanilla-student rows), the common recipe (torchdistill's: 100 epochs, SGD lr 0.1
 at global batch 256, momentum 0.9, weight decay 1e-4, ×0.1 after epochs 30, 60 and 90) and
@@ -16,10 +16,9 @@ import json
 import os
 from typing import Any
 
-from helper.tables.recipes import IMAGENET, Cell, student_flags
+from paper_tables.cells import IMAGENET, Cell, student_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-IMAGENET_JSON = os.path.join(REPO, "scripts", "recipes_imagenet.json")
+IMAGENET_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes_imagenet.json")
 
 
 def _checked_values(specs: dict[str, Any], tags: dict[str, str], where: str) -> dict[str, Any]:
@@ -63,5 +62,13 @@ def load_imagenet_cells(path: str = IMAGENET_JSON) -> tuple[Cell, ...]:
             hp = {**recipe, **hp, "dataset": IMAGENET, "model_t": e["teacher"]}
         cells.append(Cell(IMAGENET, columns[(e["teacher"], e["student"])], e["teacher"], e["student"],
                           e["method"], e["top1"], None, runs, tuple(hp.items()), e["note"],
-                          default=bool(e["default"]), dataset=IMAGENET))
+                          default=bool(e["default"]), dataset=IMAGENET,
+                          origin=e.get("paper_origin", "")))
     return tuple(cells)
+
+
+@functools.lru_cache(maxsize=4)
+def imagenet_notes(path: str = IMAGENET_JSON) -> tuple[str, ...]:
+    """The table's notes (recipe, batch, where the paper's numbers came from), for the report."""
+    with open(path, encoding="utf-8") as handle:
+        return tuple(json.load(handle)["notes"])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import os
+import textwrap
 from typing import Optional, Sequence
 
-from helper.tables.run_groups import TrialResult
+from paper_tables.run_groups import TrialResult
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -16,10 +17,22 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def plain(header: list[str], rows: list[list[str]]) -> str:
-    """Columns aligned with spaces."""
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header] + rows)
+def plain(header: list[str], rows: list[list[str]], wrap: Optional[int] = None) -> str:
+    """Columns aligned with spaces; a cell longer than ``wrap`` characters continues on the
+    next lines (broken at spaces), so that a long value does not widen every row."""
+    def lines(cell: str) -> list[str]:
+        if wrap is None or len(cell) <= wrap:
+            return [cell]
+        return textwrap.wrap(cell, wrap, break_on_hyphens=False) or [""]
+
+    table = [[lines(cell) for cell in row] for row in [header] + rows]
+    widths = [max(len(part) for row in table for part in row[i]) for i in range(len(header))]
+    out = []
+    for row in table:
+        for k in range(max(len(cell) for cell in row)):
+            parts = [cell[k] if k < len(cell) else "" for cell in row]
+            out.append("  ".join(v.ljust(w) for v, w in zip(parts, widths)).rstrip())
+    return "\n".join(out)
 
 
 def write_csv(path: str, columns: list[str], rows: list[dict]) -> None:

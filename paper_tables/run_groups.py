@@ -125,9 +125,32 @@ def run_folders(root: str) -> list[str]:
 
 
 def training_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` without :data:`NOT_CONFIG` keys and path-like keys (``*_folder``, ``*_root``...)."""
+    """The settings that act on the run ``config`` describes.
+
+    Its flags (the keys of ``config["flags"]``, at their resolved values; every key of an
+    older ``config.json`` without ``flags``), less :data:`NOT_CONFIG`, path-like keys
+    (``*_folder``, ``*_root``...) and the flags of methods the run does not use (a CRD run's
+    ``--ttm_l``). What the run recorded about itself (``teacher_sha256``,
+    ``teacher_cache_use``, ``world_size``...) is not a flag, so it never splits a group.
+    """
+    flags = config.get("flags")
+    acting = set(flags) if isinstance(flags, Mapping) else set(config)
+    unused = unused_method_flags(config)
     return {k: v for k, v in config.items()
-            if k not in NOT_CONFIG and not k.startswith("path_") and not k.endswith(PATH_SUFFIXES)}
+            if k in acting and k not in NOT_CONFIG and k not in unused
+            and not k.startswith("path_") and not k.endswith(PATH_SUFFIXES)}
+
+
+def unused_method_flags(config: Mapping[str, Any]) -> set[str]:
+    """Flags of registered methods that the run's ``--distill`` and weighted ``--add`` do not read."""
+    from distiller_zoo import METHODS  # imports torch: only when grouping runs
+
+    owners = {name: {f.dest for f in cls.flags} for name, cls in METHODS.items()}
+    used = {config.get("distill")}
+    if config.get("add") not in (None, "none") and config.get("alpha"):
+        used.add(config.get("add"))
+    every = set().union(*owners.values())
+    return every - set().union(*(owners.get(name, set()) for name in used))
 
 
 def group_runs(folders: Iterable[str]) -> tuple[list[RunGroup], list[str]]:

@@ -3,7 +3,7 @@
 A job of one task runs ``train_student.py`` as it is; a job of several tasks (``--slurm_nodes
 M --slurm_gpus G``: G tasks per node, one per GPU) runs one ``train_student.py`` process
 per task, each joining the run through torch's env:// rendezvous with the variables
-:func:`helper.tables.trial_lock.distributed_env` takes from submitit. ``--batch_size`` stays the
+:func:`paper_tables.trial_lock.distributed_env` takes from submitit. ``--batch_size`` stays the
 global batch. ``--slurm_cluster local`` runs the jobs as processes here (one node), to try
 the submission path.
 """
@@ -17,13 +17,13 @@ import uuid
 from typing import Callable, Sequence
 
 from errors import UserError
-from helper.tables import trial_lock
-from helper.tables.local_runner import report
-from helper.tables.trial_plan import Trial
+from paper_tables import trial_lock
+from paper_tables.local_runner import report
+from paper_tables.trial_plan import Trial
 
 
 def slurm_job_function() -> Callable[..., dict]:
-    """:func:`helper.tables.trial_lock.execute`, registered with submitit's pickler (cloudpickle) to
+    """:func:`paper_tables.trial_lock.execute`, registered with submitit's pickler (cloudpickle) to
     travel by value, so that a job unpickles it without an import path to this repository."""
     import cloudpickle
     cloudpickle.register_pickle_by_value(trial_lock)

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from errors import UserError
-from helper.tables import trial_lock
-from helper.tables.recipes import IMAGENET, Cell, select, teacher_checkpoint
+from paper_tables.paths import TRAIN_STUDENT
+from paper_tables import trial_lock
+from paper_tables.cells import IMAGENET, Cell
+from paper_tables.recipes import select
+from teacher_zoo.published import teacher_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN_STUDENT = os.path.join(REPO, "train_student.py")
 DEFAULT_EPOCHS = 240  # train_student.py's --epochs default (the CIFAR recipe)
 # train_student.py's defaults where the flags leave them open, by data set: (epochs, batch),
 # as helper.config.RECIPES (which imports torch; tests/test_reproduce_imagenet.py compares).
@@ -140,7 +141,7 @@ def paper_method(name: str, cells: Sequence[Cell]) -> str:
     ``wttm`` → WTTM, ``hint`` → FitNet, ``crd+wttm`` (or ``wttm+crd``) → WTTM+CRD: the
     ``--distill`` name, plus the ``--add`` name where the row weights one, in any order and
     case. Default rows win over opt-in ones (``kd`` is KD, not the plain student). Any other
-    name is returned unchanged, for :func:`helper.tables.recipes.select` to match against the
+    name is returned unchanged, for :func:`paper_tables.recipes.select` to match against the
     paper's names.
     """
     wanted = frozenset(part.strip().lower() for part in name.split("+"))

@@ -12,10 +12,10 @@
 # teachers it cannot deliver are then taken from mdistiller's release archive
 # cifar_teachers.tar (members cifar_teachers/<arch>_vanilla/ckpt_epoch_240.pth; nothing else in
 # it is extracted: no links, no other paths). Every file is loaded with weights_only=True into
-# its architecture (python -m helper.teachers check); a file that fails is deleted.
+# its architecture (python -m teacher_zoo check); a file that fails is deleted.
 #
-# ImageNet: torchvision's IMAGENET1K_V1 files of the table in helper/teachers.py
-# (IMAGENET_TEACHERS; python -m helper.teacher_fetch imagenet-files prints it) go to
+# ImageNet: torchvision's IMAGENET1K_V1 files of the table in teacher_zoo/published.py
+# (IMAGENET_TEACHERS; python -m teacher_zoo.fetch imagenet-files prints it) go to
 # <dest>/<arch>_imagenet/<file>, where train_student.py --path_t reads the architecture from the
 # folder name. ARCH=FILE fetches another file of the same server (its name must carry its
 # SHA-256 prefix) into <arch>_imagenet/FILE. Each file's SHA-256 must start with the hex digits
@@ -145,7 +145,7 @@ fetch_url() {
 }
 
 # check FILE ARCH: 0 valid, 3 invalid (message on stderr), anything else: the checker failed.
-check() { "$PY" -m helper.teachers check "$1" --arch "$2" --num_classes "${3:-100}" >/dev/null; }
+check() { "$PY" -m teacher_zoo check "$1" --arch "$2" --num_classes "${3:-100}" >/dev/null; }
 
 # ---- CIFAR-100 ------------------------------------------------------------------------------
 FILE_HOST_DOWN=0
@@ -223,7 +223,7 @@ fetch_archive() {
   # A failed resume may still leave a complete archive (416), and the members before a break
   # are whole: extract what is there; each file is checked anyway.
   STAGING=$(mktemp -d "$DEST/.cifar_teachers.XXXXXX") || { failed+=("$@"); return; }
-  "$PY" -m helper.teacher_fetch extract-cifar "$part" "$STAGING" "$@" >/dev/null; xrc=$?
+  "$PY" -m teacher_zoo.fetch extract-cifar "$part" "$STAGING" "$@" >/dev/null; xrc=$?
   if [ $xrc -ne 0 ]; then
     if [ $xrc -eq 3 ] && [ $rc -eq 0 ]; then
       rm -f "$part"
@@ -277,7 +277,7 @@ fetch_cifar() {
 IMAGENET_HOST_DOWN=0
 
 # sha_ok FILE NAME: does FILE's SHA-256 start with the prefix NAME carries?
-sha_ok() { "$PY" -m helper.teacher_fetch sha256 "$1" --name "$2" 2>/dev/null; }
+sha_ok() { "$PY" -m teacher_zoo.fetch sha256 "$1" --name "$2" 2>/dev/null; }
 
 # load_check ARCH FILE REGISTERED: loads FILE into our ARCH when models.model_dict has it.
 load_check() {
@@ -343,7 +343,7 @@ fetch_imagenet() {
 fetch_imagenet_all() {
   local table rc base=() rows=() row arch name url registered
   [ -n "$IMAGENET_BASE" ] && base=(--base "$IMAGENET_BASE")
-  table=$("$PY" -m helper.teacher_fetch imagenet-files ${base[@]+"${base[@]}"} "$@"); rc=$?
+  table=$("$PY" -m teacher_zoo.fetch imagenet-files ${base[@]+"${base[@]}"} "$@"); rc=$?
   [ $rc -eq 2 ] && usage
   [ $rc -eq 0 ] || { echo "error: could not read the ImageNet teacher table ($PY)" >&2; exit 1; }
   while IFS= read -r row; do [ -n "$row" ] && rows+=("$row"); done <<<"$table"

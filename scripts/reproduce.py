@@ -28,18 +28,18 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from errors import UserError, exit_on_user_error  # noqa: E402
-from helper.tables import packing  # noqa: E402
-from helper.tables import gpu_slots as slots  # noqa: E402
-from helper.tables.gpu_slots import Slot, describe_slots, gpu_slots, refuse_device_flag  # noqa: E402
-from helper.tables.local_runner import LocalRun  # noqa: E402
-from helper.tables.pack_plan import describe, plan_packing  # noqa: E402
-from helper.tables.recipes import all_cells, table_key, teacher_checkpoint  # noqa: E402
-from helper.tables.slurm_runner import run_slurm  # noqa: E402
-from helper.tables.trial_plan import (Trial, build_trials, display_path, missing_data_folder,  # noqa: E402
+from errors import UserError, exit_on_user_error
+from paper_tables import packing
+from paper_tables import gpu_slots as slots
+from paper_tables.gpu_slots import Slot, describe_slots, gpu_slots, refuse_device_flag
+from paper_tables.local_runner import LocalRun
+from paper_tables.pack_plan import describe, plan_packing
+from paper_tables.cells import table_key
+from paper_tables.recipes import all_cells
+from teacher_zoo.published import teacher_checkpoint
+from paper_tables.slurm_runner import run_slurm
+from paper_tables.trial_plan import (Trial, build_trials, display_path, missing_data_folder,
                                plan_cells, run_values)
 
 __all__ = ["main"]
@@ -89,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "if needed), run nothing")
     how.add_argument("--recalibrate", action="store_true", help="measure again instead of using the cache")
     how.add_argument("--calibration_steps", type=int, default=30,
-                     help="training steps each calibration process times (default %(default)s)")
+                     help="training steps each calibration process times, after 5 warm-up steps (default "
+                          "%(default)s; on a CPU an ImageNet step can take a minute: give fewer)")
+    how.add_argument("--calibration_progress_s", type=float, default=30,
+                     help="while a calibration round runs, say what it is doing every this many seconds "
+                          "(default %(default)s; 0: never)")
     how.add_argument("--progress_s", "--progress-s", dest="progress_s", type=float, default=300,
                      help="print each running trial's epoch, accuracy and ETA every this many seconds "
                           "(default 300; 0: never)")
@@ -128,8 +132,9 @@ def check_args(args: argparse.Namespace, passthrough: Sequence[str]) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
-    if args.progress_s < 0:
-        raise UserError(f"--progress_s must be >= 0, got {args.progress_s:g}")
+    for name in ("progress_s", "calibration_progress_s"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name):g}")
     args.jobs_per_gpu = packing.parse_jobs_per_gpu(args.jobs_per_gpu)
     if args.slurm and (args.jobs_per_gpu == packing.AUTO or args.estimate or args.gpus_per_run != 1):
         raise UserError("--jobs-per-gpu auto, --gpus_per_run and --estimate shape local runs; a SLURM "
@@ -194,6 +199,10 @@ def local_setup(todo: list[Trial], args: argparse.Namespace, base: list[Slot]) -
     plan's comment lines."""
     plan = None
     if todo and (args.jobs_per_gpu == packing.AUTO or args.estimate):
+        if args.estimate:
+            print(f"# estimate: the plan's device-hours and wall time from the measured speed of each pair's "
+                  f"training step ({len(todo)} trial{'s' if len(todo) != 1 else ''} to run); a calibration "
+                  "not in the cache is measured first, which takes minutes (longer on a CPU)", flush=True)
         plan = plan_packing(todo, base, args.jobs_per_gpu, args, os.environ, measure=not args.dry_run)
     k = plan.k if plan else (1 if args.jobs_per_gpu == packing.AUTO else args.jobs_per_gpu)
     threads = packing.thread_share(packing.available_cores(), len(base) * k * base[0].procs,

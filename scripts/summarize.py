@@ -12,7 +12,9 @@ carry the paper's value only); each cell gives the
 mean ± std over finished trials of the best-epoch test top-1 and of the last-epoch test
 top-1, the number of trials, the paper's value and our difference from it. Every other run
 folder (``train_student.py``'s own run names) is grouped with the runs whose ``config.json``
-is the same apart from trial, seed, run name, paths and output flags, one row per group.
+agrees on the flags that act on the run (not trial, seed, run name, paths, output flags,
+the flags of methods it does not use, or what the run recorded about itself such as the
+teacher's SHA-256), one row per group. The notes say where each paper number came from.
 Writes ``report.md``, ``report.csv`` (one row per cell), ``runs.csv`` (one row per group)
 and, unless ``--no_plots``, one PNG per cell (test accuracy against epoch, trials
 overlaid, the paper's value as a line) under ``<save_root>/report/``.
@@ -27,12 +29,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from errors import UserError, exit_on_user_error  # noqa: E402
-from helper.tables.recipes import TABLES, Cell, all_cells, method_names, pairs_of, table_key  # noqa: E402
-from helper.tables.report_format import markdown, plain, plot_curves, write_csv  # noqa: E402
-from helper.tables.run_groups import (RunGroup, TrialResult, TrialStats, group_runs, method_label,  # noqa: E402
+from errors import UserError, exit_on_user_error
+from paper_tables.cells import IMAGENET, TABLES, Cell, table_key
+from paper_tables.recipes import all_cells, method_names, pairs_of
+from paper_tables.recipes_imagenet import imagenet_notes
+from paper_tables.report_format import markdown, plain, plot_curves, write_csv
+from paper_tables.run_groups import (RunGroup, TrialResult, TrialStats, group_runs, method_label,
                                read_trial, run_folders, varying_keys)
 
 HEADER = ("best = mean ± std over finished trials of each trial's best-epoch test top-1 (%); "
@@ -42,14 +45,17 @@ HEADER = ("best = mean ± std over finished trials of each trial's best-epoch te
           "std is the sample standard deviation (n - 1); '-' for a single trial.")
 CSV_COLUMNS = ["table", "teacher", "student", "method", "n_finished", "n_unfinished", "epochs",
                "best_mean", "best_std", "last_mean", "last_std", "paper", "paper_std",
-               "paper_runs", "diff_best", "diff_last", "note"]
+               "paper_runs", "diff_best", "diff_last", "note", "paper_origin"]
 
 
 PAPER_DATA = {"cifar100": "CIFAR-100", "imagenet": "ImageNet val"}
+WRAP = 40  # terminal text: longer cells continue on the next lines
 RUN_COLUMNS = ["teacher", "student", "method", "r", "a", "b", "other", "dataset", "epochs", "n_finished",
                "n_unfinished", "best_mean", "best_std", "last_mean", "last_std", "runs"]
-RUN_HEADER = ("One row per configuration: runs whose config.json is the same apart from trial, seed, "
-              "run name, paths and output flags; 'other' lists the settings that differ between rows. "
+RUN_HEADER = ("One row per configuration: runs whose config.json agrees on every flag that acts on the "
+              "run (not trial, seed, run name, paths, output flags, the flags of methods it does not use, "
+              "or what the run recorded, such as the teacher's SHA-256); 'other' lists the settings that "
+              "differ between rows. "
               "best = mean ± std over finished runs of each run's best-epoch test top-1 (%); last = the "
               "same for the last epoch; n = finished runs, + unfinished ones, which no mean includes; "
               "std is the sample standard deviation (n - 1); '-' for a single run.")
@@ -145,6 +151,26 @@ def notes(results: list[CellResult]) -> list[str]:
     return out
 
 
+def origin_notes(results: list[CellResult]) -> list[str]:
+    """Where each reported cell's paper number came from, and under which recipe: one line
+    per table, method and origin (the pairs named unless it is all of the table's pairs)."""
+    shown = {r.cell.table for r in results}
+    columns = {(r.cell.table, r.cell.teacher, r.cell.student) for r in results}
+    methods = {(r.cell.table, r.cell.method) for r in results}
+    cells = [c for c in all_cells() if (c.table, c.teacher, c.student) in columns and c.origin and
+             ((c.table, c.method) in methods or not c.runnable)]
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.table, c.method, c.origin), []).append(c)
+    pairs = {t: {(c.teacher, c.student) for c in all_cells() if c.table == t} for t in shown}
+    out = []
+    for (table, method, origin), members in groups.items():
+        mine = {(c.teacher, c.student) for c in members}
+        where = "" if mine == pairs[table] else " (" + ", ".join(f"{t}→{s}" for t, s in sorted(mine)) + ")"
+        out.append(f"paper's {method}, {table_name(table, short=True)}{where}: {origin}")
+    return out
+
+
 def csv_rows(results: list[CellResult]) -> list[dict]:
     rows = []
     for r in results:
@@ -154,7 +180,7 @@ def csv_rows(results: list[CellResult]) -> list[dict]:
                          epochs=";".join(sorted({str(t.planned_epochs) for t in r.trials})),
                          best_mean=bm, best_std=bs, last_mean=lm, last_std=ls, paper=r.cell.paper,
                          paper_std=r.cell.paper_std, paper_runs=r.cell.runs, diff_best=r.diff("best"),
-                         diff_last=r.diff("last"), note=r.cell.note))
+                         diff_last=r.diff("last"), note=r.cell.note, paper_origin=r.cell.origin))
     return rows
 
 
@@ -169,7 +195,7 @@ def run_table(groups: Sequence[RunGroup]) -> tuple[list[str], list[list[str]]]:
         unfinished = f" +{len(g.unfinished)} unfinished" if g.unfinished else ""
         rows.append([str(c.get("model_t", "?")), str(c.get("model_s", "?")), method_label(c),
                      *(_num(c.get(k)) for k in ("gamma", "alpha", "beta"))]
-                    + ([" ".join(f"{k}={_num(c.get(k))}" for k in other)] if other else [])
+                    + ([_other(c, other)] if other else [])
                     + [str(c.get("dataset", "?")), _num(c.get("epochs")), f"{len(g.finished)}{unfinished}",
                        _fmt(*g.stat("best"), None), _fmt(*g.stat("last"), None)])
     return header, rows
@@ -184,11 +210,16 @@ def run_csv_rows(groups: Sequence[RunGroup], root: str) -> list[dict]:
         (bm, bs), (lm, ls) = g.stat("best"), g.stat("last")
         rows.append(dict(teacher=c.get("model_t"), student=c.get("model_s"), method=method_label(c),
                          r=_num(c.get("gamma")), a=_num(c.get("alpha")), b=_num(c.get("beta")),
-                         other=" ".join(f"{k}={_num(c.get(k))}" for k in other), dataset=c.get("dataset"),
+                         other=_other(c, other), dataset=c.get("dataset"),
                          epochs=c.get("epochs"), n_finished=len(g.finished), n_unfinished=len(g.unfinished),
                          best_mean=bm, best_std=bs, last_mean=lm, last_std=ls,
                          runs=";".join(os.path.relpath(t.folder, root) for t in g.trials)))
     return rows
+
+
+def _other(config: dict, keys: Sequence[str]) -> str:
+    """``key=value`` of the varying settings this group has (a CRD group lists no ``ttm_l``)."""
+    return " ".join(f"{k}={_num(config[k])}" for k in keys if k in config)
 
 
 def _num(value: object) -> str:
@@ -211,13 +242,16 @@ def _table_sections(results: list[CellResult], out: str, plots: bool) -> tuple[l
         where = name if data == paper_data else f"ours on {data}, the paper's on {name}"
         title = f"{table_name(table)} (test top-1 %, {where})"
         md += [f"## {title}\n", markdown(header, rows), ""]
-        text += [title, plain(header, rows), ""]
+        text += [title, plain(header, rows, wrap=WRAP), ""]
     extra = notes(results)
     if any(r.cell.note for r in results):
         extra.append("† a gap in the paper filled by our choice; ‡ no paper value")
     quoted = {c.method: c.note for c in all_cells() if not c.runnable and c.method != "teacher"
               and c.table in {r.cell.table for r in results}}
     extra += [f"{method}: {note}" for method, note in quoted.items()]
+    extra += origin_notes(results)
+    if IMAGENET in {r.cell.table for r in results}:
+        extra += list(imagenet_notes())
     if extra:
         md += ["Notes:\n"] + [f"- {n}" for n in extra] + [""]
         text += ["Notes:"] + [f"  {n}" for n in extra] + [""]
@@ -247,7 +281,7 @@ def write_report(results: list[CellResult], groups: Sequence[RunGroup], root: st
         title = f"Other runs under {root}, one row per configuration (test top-1 %)"
         header, rows = run_table(groups)
         md += [f"## {title}\n", RUN_HEADER, "", markdown(header, rows), ""]
-        text += [title, plain(header, rows), "", RUN_HEADER]
+        text += [title, plain(header, rows, wrap=WRAP), "", RUN_HEADER]
         write_csv(os.path.join(out, "runs.csv"), RUN_COLUMNS, run_csv_rows(groups, root))
     with open(os.path.join(out, "report.md"), "w") as handle:
         handle.write("\n".join(md) + "\n")

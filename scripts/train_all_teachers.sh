@@ -39,7 +39,7 @@ while [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; do archs+=("$1"); shift; done
 failed=()
 for arch in "${archs[@]}"; do
   dest="$DEST/${arch}_vanilla/ckpt_epoch_240.pth"
-  if [ -e "$dest" ] && "$PY" -m helper.teachers check "$dest" --arch "$arch" >/dev/null 2>&1; then
+  if [ -e "$dest" ] && "$PY" -m teacher_zoo check "$dest" --arch "$arch" >/dev/null 2>&1; then
     echo "$arch: already in place ($dest); delete it to retrain"
     continue
   fi
@@ -55,7 +55,7 @@ for arch in "${archs[@]}"; do
   [ "$PICK" = last ] && best="${best%_best.pth}_last.pth"
   mkdir -p "$(dirname "$dest")"
   { ln -f "$best" "$dest.tmp" 2>/dev/null || cp "$best" "$dest.tmp"; } && mv -f "$dest.tmp" "$dest"
-  if "$PY" -m helper.teachers check "$dest" --arch "$arch"; then
+  if "$PY" -m teacher_zoo check "$dest" --arch "$arch"; then
     echo "$arch: $PICK checkpoint $best -> $dest"
   else
     rm -f "$dest"; failed+=("$arch")

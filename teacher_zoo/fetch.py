@@ -1,9 +1,9 @@
 """The Python half of ``scripts/fetch_pretrained_teachers.sh``: safe archive extraction,
 SHA-256 prefix checks and the ImageNet file list.
 
-    python -m helper.teacher_fetch extract-cifar TAR STAGING ARCH [ARCH ...]
-    python -m helper.teacher_fetch sha256 PATH
-    python -m helper.teacher_fetch imagenet-files [ARCH | ARCH=FILE ...] [--base URL]
+    python -m teacher_zoo.fetch extract-cifar TAR STAGING ARCH [ARCH ...]
+    python -m teacher_zoo.fetch sha256 PATH
+    python -m teacher_zoo.fetch imagenet-files [ARCH | ARCH=FILE ...] [--base URL]
 
 ``extract-cifar`` copies, for each ARCH, the one member
 ``cifar_teachers/<ARCH>_vanilla/ckpt_epoch_240.pth`` of mdistiller's ``cifar_teachers.tar`` to
@@ -14,8 +14,8 @@ archive. It exits 0 when the archive could be read (the script then checks each 
 the hex digits its name carries (torchvision's ``<name>-<hex>.pth`` convention), 3 when not.
 ``imagenet-files`` prints one tab-separated line per requested ImageNet teacher:
 ``arch, file name, URL, registered`` (``yes`` when ``models.model_dict`` has the arch, so
-that the script can run ``python -m helper.teachers check`` on it); without arguments it
-lists the paper's teachers of ``helper.teachers.IMAGENET_TEACHERS``. ``ARCH=FILE`` fetches a
+that the script can run ``python -m teacher_zoo check`` on it); without arguments it
+lists the paper's teachers of ``teacher_zoo.published.IMAGENET_TEACHERS``. ``ARCH=FILE`` fetches a
 file the table does not name (another torchvision release, or, in tests, a file whose name
 carries its own hash) into ``<ARCH>_imagenet/FILE``.
 
@@ -25,17 +25,18 @@ and ``sha256`` without paying for torch.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import sys
 import tarfile
 from typing import NamedTuple, Optional, Sequence
 
+import models
 from errors import UserError, exit_on_user_error
+from helper.checkpoint import file_sha256, new_file_mode
+from teacher_zoo.published import EXIT_INVALID, IMAGENET_TEACHERS, IMAGENET_URL
 
 ARCHIVE_FOLDER = "cifar_teachers"
-EXIT_INVALID = 3  # the same status as ``helper.teachers.EXIT_INVALID``: the script deletes the file
 # torchvision's (and torch.hub's) convention: the hex digits between the last '-' and the
 # extension are the start of the file's SHA-256.
 _HASHED_NAME = re.compile(r"[A-Za-z0-9_.]+-([0-9a-f]{8,64})\.[A-Za-z0-9]+")
@@ -60,13 +61,6 @@ def _unsafe_reason(member: tarfile.TarInfo) -> Optional[str]:
     if not (member.isreg() or member.isdir()):
         return "device or special file"
     return None
-
-
-def _file_mode() -> int:
-    """The mode ``open()`` gives a new file under the current umask (0644 under 022)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def _members(tar: tarfile.TarFile, notes: list[str]) -> list[tarfile.TarInfo]:
@@ -126,7 +120,7 @@ def extract_teachers(tar_path: str, staging: str, archs: Sequence[str]) -> tuple
                     tar.extract(member, staging, filter="data")
                 else:  # Python < 3.8.17/3.9.17/3.10.12/3.11.4: the checks above stand in for it
                     tar.extract(member, staging)
-                os.chmod(target, _file_mode())
+                os.chmod(target, new_file_mode())
             except (tarfile.TarError, OSError, EOFError) as err:
                 if os.path.lexists(target):
                     os.remove(target)
@@ -149,15 +143,6 @@ def sha256_prefix(file_name: str) -> str:
     return match.group(1)
 
 
-def sha256_of(path: str, chunk: int = 1 << 20) -> str:
-    """The hex SHA-256 of a file, read in ``chunk``-byte pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _published_name(path: str) -> str:
     """The file name a download will have once complete (``x-1234abcd.pth.part`` -> ``x-1234abcd.pth``)."""
     name = os.path.basename(path)
@@ -167,7 +152,7 @@ def _published_name(path: str) -> str:
 def sha256_matches(path: str, file_name: Optional[str] = None) -> bool:
     """Whether ``path``'s SHA-256 starts with the prefix carried by ``file_name`` (default:
     its own name; a ``.part`` suffix is ignored)."""
-    return sha256_of(path).startswith(sha256_prefix(file_name or _published_name(path)))
+    return file_sha256(path).startswith(sha256_prefix(file_name or _published_name(path)))
 
 
 class ImagenetFile(NamedTuple):
@@ -191,9 +176,6 @@ def resolve_imagenet(specs: Sequence[str], base: Optional[str] = None) -> list[I
         UserError: unknown ARCH without a file, a FILE without a SHA-256 prefix, or an ARCH
             that ``train_student.py`` could not read back from ``<ARCH>_imagenet``.
     """
-    import models
-    from helper.teachers import IMAGENET_TEACHERS, IMAGENET_URL
-
     base = (base or IMAGENET_URL).rstrip("/") + "/"
     specs = list(specs) or [arch for arch, row in IMAGENET_TEACHERS.items() if row.teacher]
     files = []
@@ -253,7 +235,7 @@ def _cmd_imagenet_files(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m helper.teacher_fetch",
+    parser = argparse.ArgumentParser(prog="python -m teacher_zoo.fetch",
                                      description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     extract = sub.add_parser("extract-cifar", help="extract the teachers of cifar_teachers.tar safely")

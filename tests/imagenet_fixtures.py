@@ -8,8 +8,10 @@ extensions vary in case, as ``ImageFolder`` allows.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -112,3 +114,43 @@ def imagefolder_reference(split_root: str) -> tuple[list[str], list[tuple[str, i
                 if name.lower().endswith(extensions) and not name.startswith("."):
                     samples.append((os.path.join(folder, name), label))
     return classes, samples
+
+
+LAYOUTS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "imagenet_layouts.json")
+TORCHVISION_FILES = ("resnet18", "resnet34", "resnet50")  # IMAGENET1K_V1: no BatchNorm counters
+
+
+def published_layout(name: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``[(key, shape)]`` of ``name``'s published state dict, in its file's key order
+    (``tests/data/imagenet_layouts.json``, written from torchvision's and mdistiller's sources)."""
+    import json
+
+    with open(LAYOUTS_JSON, encoding="utf-8") as handle:
+        layout = json.load(handle)["models"][name]["state_dict"]
+    return [(key, tuple(shape)) for key, shape in layout]
+
+
+def published_state_dict(name: str, seed: int = 0, num_classes: Optional[int] = None) -> dict:
+    """A state dict made the way the published file of ``name`` was: a plain ``dict`` (so no
+    ``_metadata``), in the file's key order, random well-scaled values, and for torchvision's
+    IMAGENET1K_V1 ResNets no ``num_batches_tracked`` (those 2017 weights, re-saved, hold none).
+    ``num_classes`` narrows the classifier (``fc``) to that many rows."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in published_layout(name):
+        leaf = key.rsplit(".", 1)[1]
+        if key.startswith("fc.") and num_classes is not None:
+            shape = (num_classes, *shape[1:])
+        if leaf == "num_batches_tracked":
+            if name not in TORCHVISION_FILES:
+                state[key] = torch.tensor(7)
+        elif leaf in ("running_var", "weight") and len(shape) == 1:  # BN scale / variance
+            state[key] = torch.rand(shape, generator=g) + 0.5
+        elif leaf in ("running_mean", "bias"):
+            state[key] = torch.randn(shape, generator=g) * 0.1
+        else:  # conv or linear weight, He-scaled so activations stay O(1)
+            fan_in = math.prod(shape[1:])
+            state[key] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
+    return state

@@ -106,6 +106,12 @@ def test_seed_is_drawn_and_flagged_when_not_given(tmp_path):
     (["--learning_rate", "-0.1"], "--learning_rate must be a finite positive"),
     (["--lr_decay_rate", "nan"], "--lr_decay_rate"),
     (["--momentum", "-0.9"], "--momentum"),
+    (["--momentum", "2"], r"--momentum must be in \[0, 1\), got 2.0"),  # accepted once: loss 9032
+    (["--momentum", "1"], r"--momentum must be in \[0, 1\)"),
+    (["--lr_decay_rate", "0"], "--lr_decay_rate"),
+    (["--weight_decay=-1e-4"], "--weight_decay must be a finite non-negative"),
+    (["--seed=-3"], r"--seed must be an integer in \[0, 2\*\*63\)"),
+    (["--seed", str(2**64)], "--seed"),
     (["--weight_decay", "nan"], "--weight_decay"),
     (["--save_freq", "0"], "--save_freq"),
     (["--print_freq", "-1"], "--print_freq"),
@@ -121,6 +127,8 @@ def test_derive_rejects_bad_values(tmp_path, flags, message):
 def test_zero_weight_decay_and_momentum_are_allowed(tmp_path):
     values = derive(tmp_path, "--weight_decay", "0", "--momentum", "0")
     assert values["weight_decay"] == 0 and values["momentum"] == 0
+    values = derive(tmp_path, "--momentum", "0.99", "--lr_decay_rate", "2", "--seed", "0")
+    assert values["momentum"] == 0.99 and values["lr_decay_rate"] == 2 and values["seed_drawn"]
 
 
 def test_unwritable_save_root(tmp_path):
@@ -190,3 +198,52 @@ def test_each_data_set_starts_from_its_reference_recipe(tmp_path):
     assert derive(tmp_path, "--batch_size", "128", "--lr_scale", "linear")["learning_rate"] == pytest.approx(0.1)
     # given flags win over the recipe
     assert derive(tmp_path, "--dataset", "imagenet", "--epochs", "3", model="resnet18")["epochs"] == 3
+
+
+# ---- the objective line -----------------------------------------------------------------
+
+def _student_cfg(*flags: str):
+    import torch
+
+    from helper import distributed
+    from helper.student_flags import parse_config
+
+    env = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    return parse_config(["--path_t", "t.pth", "--model_s", "resnet8x4", *flags], env, "resnet32x4")
+
+
+def _objective(cfg) -> str:
+    from distiller_zoo import METHODS
+    from helper.distill import describe_objective
+
+    return describe_objective(cfg.gamma, cfg.alpha, cfg.beta, cfg.distill, cfg.add if cfg.alpha else None,
+                              METHODS.get(cfg.distill).main_is_zero, cfg)
+
+
+def test_objective_line_names_every_hyper_parameter_of_the_terms_in_use():
+    wttm = _student_cfg("--distill", "wttm", "--ttm_l", "0.1", "-r", "1", "-a", "0", "-b", "3")
+    assert _objective(wttm) == "loss = 1·CE + 3·wttm(ttm_l=0.1)"  # was '3·wttm', without its γ
+    dkd = _objective(_student_cfg("--distill", "dkd", "--dkd_warmup", "5"))
+    # β resolved for the pair (8 for resnet32x4 → resnet8x4), and the warm-up
+    assert "1·dkd(dkd_alpha=1, dkd_beta=8, dkd_T=4, dkd_warmup=5" in dkd
+    seed_kd = _objective(_student_cfg("--distill", "kd", "-r", "0.1", "-a", "0.9", "-b", "0", "--kd_T", "3"))
+    assert seed_kd.startswith("loss = 0.1·CE + 0.9·kd(add, kd_T=3") and "0·kd (a literal 0" in seed_kd
+    # a term of weight 0 lists nothing: its flags act on nothing
+    assert _objective(_student_cfg("--distill", "wttm", "-b", "0")) == "loss = 1·CE + 0·wttm"
+
+
+def test_objective_line_lists_each_methods_flags_from_its_flags_tuple():
+    """No per-method list: whatever a method declares in ``flags`` shows with its value."""
+    from distiller_zoo import METHODS
+
+    for name, cls in METHODS.items():
+        if cls.main_is_zero:
+            continue
+        cfg = _student_cfg("--distill", name, "-b", "2", "-a", "0")
+        line = _objective(cfg)
+        assert f"2·{name}" in line, line
+        for flag in cls.flags:
+            value = cfg[flag.dest]
+            if value is not None:
+                shown = f"{value:g}" if isinstance(value, float) else str(value)
+                assert f"{flag.dest}={shown}" in line, (name, flag.dest, line)

@@ -8,6 +8,8 @@ eager-vs-replay check and its fallback), and the step must train exactly as the 
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import types
 import warnings
 
@@ -18,7 +20,8 @@ import models
 from dataset.base import CIFAR100_MEAN, CIFAR100_STD, ImageDataset
 from dataset.loader import DeviceLoader
 from helper import distributed
-from helper.graph_step import GraphedStep, StateSnapshot, graph_plan
+from helper.graph_capture import CudaGraphs, StateSnapshot, max_relative_error
+from helper.graph_step import GraphedStep, append_event, graph_plan, step_record
 from helper.step import unpack
 from helper.student import assemble_step, build_objective
 from helper.student_flags import parse_config
@@ -26,35 +29,100 @@ from helper.student_flags import parse_config
 ENV = distributed.DistEnv(0, 1, 0, torch.device("cpu"))
 
 
-class RerunGraphs:
-    """Capture keeps the function and its outputs; replay re-runs it into those outputs."""
+class FakeCuda:
+    """torch.cuda's stream calls on the CPU: which stream is current, and how many were made."""
 
-    def __init__(self, perturb: float = 0.0) -> None:
-        self.captures, self.replays, self.perturb = 0, 0, perturb
+    def __init__(self) -> None:
+        self.current, self.created = "default", 0
+
+    def Stream(self):  # noqa: N802 (torch's name)
+        self.created += 1
+        return types.SimpleNamespace(name=f"side{self.created}", wait_stream=lambda other: None)
+
+    def current_stream(self):
+        return types.SimpleNamespace(name=self.current, wait_stream=lambda other: None)
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        before, self.current = self.current, stream.name
+        try:
+            yield
+        finally:
+            self.current = before
+
+
+class FakeGraph:
+    """A graph that keeps the captured function and re-runs it into the captured outputs at
+    replay, as a real graph writes into its static outputs; ``fail`` names a call that raises."""
+
+    def __init__(self, api: "StandInGraphs") -> None:
+        self.api, self.fn, self.out = api, None, None
+
+    def capture_begin(self, capture_error_mode: str = "global") -> None:
+        self.api.modes.append((capture_error_mode, self.api.cuda.current))
+        self.api.maybe_fail("capture_begin")
+
+    def capture_end(self) -> None:
+        self.api.maybe_fail("capture_end")
+
+    def replay(self) -> None:
+        api = self.api
+        api.replays += 1
+        api.maybe_fail("replay" if api.replays == 1 else "later_replay")
+        new = self.fn()
+        self.out.loss.copy_(float("nan") if api.fail == "nan" else new.loss)
+        self.out.correct.copy_(new.correct)
+        for name, value in new.terms.items():
+            self.out.terms[name].copy_(value)
+        with torch.no_grad():
+            for p in api.params:
+                p.add_(api.perturb)
+
+    def reset(self) -> None:
+        self.api.released += 1
+
+
+class StandInGraphs(CudaGraphs):
+    """:class:`CudaGraphs` with its CUDA calls replaced: the real capture and stream logic
+    runs, on :class:`FakeCuda` streams and :class:`FakeGraph` graphs."""
+
+    def __init__(self, cuda: FakeCuda, fail: str = "", perturb: float = 0.0) -> None:
+        super().__init__()
+        self.cuda, self.fail, self.perturb = cuda, fail, perturb
+        self.captures = self.replays = self.released = 0
+        self.modes: list[tuple[str, str]] = []
+        self.strict: list[bool] = []
         self.params: list[torch.Tensor] = []
 
+    def maybe_fail(self, where: str) -> None:
+        if self.fail == where:
+            raise RuntimeError(f"stand-in failure at {where}")
+
     def new_graph(self):
-        return types.SimpleNamespace(fn=None, out=None)
+        return FakeGraph(self)
+
+    def prepare(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def sync_debug(self):
+        self.strict.append(True)
+        yield
+        self.maybe_fail("warmup")  # after the step ran: what it changed must be undone
 
     def capture(self, graph, fn):
-        graph.fn, graph.out = fn, fn()
+        graph.fn = fn
+        graph.out = super().capture(graph, fn)
         self.captures += 1
         return graph.out
 
-    def replay(self, graph) -> None:
-        new = graph.fn()
-        graph.out.loss.copy_(new.loss)
-        graph.out.correct.copy_(new.correct)
-        for name, value in new.terms.items():
-            graph.out.terms[name].copy_(value)
-        self.replays += 1
-        with torch.no_grad():
-            for p in self.params:
-                p.add_(self.perturb)
 
-    def side_stream(self):
-        import contextlib
-        return contextlib.nullcontext()
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    cuda = FakeCuda()
+    for name in ("Stream", "current_stream", "stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
+    return cuda
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,40 +155,90 @@ def train(run, optimizer, loader, epochs: int, lrs: list[float]) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("method", ["wttm", "dkd", "hint"])
-def test_the_graphed_step_trains_exactly_as_the_eager_step(method):
-    extra = ["--dkd_warmup", "2"] if method == "dkd" else []
-    objective_a, step_a, loader_a = build(method, *extra)
-    objective_b, step_b, loader_b = build(method, *extra)
-    api = RerunGraphs()
-    graphed = GraphedStep(step_b.run, objective_b, graph_api=api)
-    lrs = [0.05, 0.05, 0.005, 0.005]
-    eager_losses = train(step_a.run, step_a.optimizer, loader_a, 4, lrs)
-    graph_losses = train(graphed, step_b.optimizer, loader_b, 4, lrs)
-    assert graph_losses == eager_losses  # bit for bit: warm-ups and checks leave no trace
+def assert_same_state(objective_a, step_a, objective_b, step_b) -> None:
     for (name, a), b in zip(objective_a.state_dict().items(), objective_b.state_dict().values()):
         assert torch.equal(a, b), name
     for a, b in zip(step_a.optimizer.state.values(), step_b.optimizer.state.values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+@pytest.mark.parametrize("method", ["wttm", "dkd", "hint"])
+def test_the_graphed_step_trains_exactly_as_the_eager_step(method, fake_cuda):
+    extra = ["--dkd_warmup", "2"] if method == "dkd" else []
+    objective_a, step_a, loader_a = build(method, *extra)
+    objective_b, step_b, loader_b = build(method, *extra)
+    api = StandInGraphs(fake_cuda)
+    graphed = GraphedStep(step_b.run, objective_b, graph_api=api, batch_size=16)
+    lrs = [0.05, 0.05, 0.005, 0.005]
+    eager_losses = train(step_a.run, step_a.optimizer, loader_a, 4, lrs)
+    graph_losses = train(graphed, step_b.optimizer, loader_b, 4, lrs)
+    assert graph_losses == eager_losses  # bit for bit: warm-ups and checks leave no trace
+    assert_same_state(objective_a, step_a, objective_b, step_b)
     # captured again only when something baked in changed: the LR at epoch 3, and for DKD the
     # warm-up factor of epochs 1 and 2 (1/2, then 1 from epoch 2 on)
-    assert graphed.captures == {"wttm": 2, "hint": 2, "dkd": 3}[method]
+    assert graphed.captures == api.captures == {"wttm": 2, "hint": 2, "dkd": 3}[method]
     assert api.replays == 4 * 2  # every full batch replays once (at a capture: the checked replay)
+    assert api.released == graphed.captures - 1  # each old graph freed before the next capture
+    assert fake_cuda.created == 1 and fake_cuda.current == "default"  # one side stream, left again
+    assert api.modes == [("thread_local", "side1")] * graphed.captures
+    assert api.strict == [True] * graphed.captures  # the second warm-up of each capture refuses syncs
+    assert not graphed.events and step_record(graphed, "CUDA graph (planned)")["step_mode"] == "CUDA graph (planned)"
 
 
-def test_a_replay_that_disagrees_with_the_eager_step_falls_back_to_eager():
+@pytest.mark.parametrize("fail, stage", [("warmup", "warm-up"), ("capture_begin", "capture"),
+                                         ("capture_end", "capture"), ("replay", "check"),
+                                         ("later_replay", "replay"), ("nan", "check"),
+                                         ("mismatch", "check")])
+def test_every_failed_capture_falls_back_to_the_eager_run(fail, stage, fake_cuda, tmp_path):
     objective_a, step_a, loader_a = build("wttm")
     objective_b, step_b, loader_b = build("wttm")
-    api = RerunGraphs(perturb=1e-2)
+    api = StandInGraphs(fake_cuda, fail=fail, perturb=1e-2 if fail == "mismatch" else 0.0)
     api.params = list(objective_b.student.parameters())
-    graphed = GraphedStep(step_b.run, objective_b, graph_api=api)
+    events_file = tmp_path / "graph_events.jsonl"
+    graphed = GraphedStep(step_b.run, objective_b, graph_api=api, batch_size=16,
+                          on_event=append_event(str(events_file)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        graph_losses = train(graphed, step_b.optimizer, loader_b, 2, [0.05, 0.05])
-    assert graphed.failed and any("continues eagerly" in str(w.message) for w in caught)
-    assert graph_losses == train(step_a.run, step_a.optimizer, loader_a, 2, [0.05, 0.05])
-    for a, b in zip(objective_a.state_dict().values(), objective_b.state_dict().values()):
-        assert torch.equal(a, b)
+        graph_losses = train(graphed, step_b.optimizer, loader_b, 1, [0.05])
+    # the run is the eager run, bit for bit: the failed attempt left no trace
+    assert graph_losses == train(step_a.run, step_a.optimizer, loader_a, 1, [0.05])
+    assert_same_state(objective_a, step_a, objective_b, step_b)
+    assert fake_cuda.current == "default"  # never left on the capture stream
+    assert graphed.failed and graphed.graph is None
+    assert len([w for w in caught if "continues eagerly" in str(w.message)]) == 1  # one warning
+    [event] = graphed.events
+    assert event["stage"] == stage and event["epoch"] == 1 and event["reason"]
+    assert [json.loads(line) for line in events_file.read_text().splitlines()] == [event]
+    record = step_record(graphed, "CUDA graph")
+    assert record["graph_events"] == [event] and record["step_mode"].startswith(f"eager (the CUDA graph fell back at epoch 1, {stage}")
+    if fail == "nan":
+        assert "not finite" in event["reason"]
+
+
+def test_a_short_first_batch_does_not_condemn_the_full_ones(fake_cuda):
+    objective, step, _ = build("wttm")
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(40, 3, 32, 32, generator=g)
+    labels, index = torch.arange(40) % 10, torch.arange(40)
+    sizes = [8, 16, 16, 16]
+    # replays: one checked replay per capture, then one per later full batch
+    for given, captured_at, replays in ((16, [16], 3), (None, [8, 16], 4)):
+        api = StandInGraphs(fake_cuda)
+        graphed = GraphedStep(step.run, objective, graph_api=api, batch_size=given)
+        seen = []
+        for n in sizes:
+            before = api.captures
+            graphed(images[:n], labels[:n], index[:n], None, 1)
+            if api.captures > before:
+                seen.append(n)
+        assert seen == captured_at and api.replays == replays and not graphed.failed
+
+
+def test_the_check_fails_on_non_finite_values():
+    finite = [torch.ones(3)]
+    assert max_relative_error(finite, [torch.tensor([1.0, float("nan"), 1.0])]) == float("inf")
+    assert max_relative_error([torch.tensor([float("inf")])], [torch.tensor([float("inf")])]) == float("inf")
+    assert max_relative_error(finite, [torch.full((3,), 1.00001)]) == pytest.approx(1e-5, rel=1e-2)
 
 
 def test_snapshot_restores_in_place_and_zeroes_new_momentum():

@@ -3,7 +3,7 @@
 A tiny generated ILSVRC-style folder (``imagenet_fixtures``), cut down to its 5 odd training
 files (grayscale, CMYK, PNG named .JPEG, nested, corrupt) and 3 validation images,
 drives the real scripts in-process: a resnet18 teacher trained for one epoch, then
-mobilenet_v1 students (KD, WTTM, CRD), ``--resume``, bad input, and ``helper.teachers
+mobilenet_v1 students (KD, WTTM, CRD), ``--resume``, bad input, and ``python -m teacher_zoo
 verify --imagenet``. 224-pixel networks are slow on one CPU thread, hence batch 4 and one or
 two epochs.
 """
@@ -22,7 +22,7 @@ import torch
 import models
 import train_student
 import train_teacher
-from helper import teachers
+from teacher_zoo import cli as teachers
 from imagenet_fixtures import WNIDS, make_tiny_imagenet
 from train_utils import assert_one_line_error, load, read_metrics
 
@@ -59,10 +59,11 @@ def teacher(folder, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def bare_teacher(teacher, tmp_path_factory) -> str:
-    """The teacher's weights as torchvision ships them: a bare state dict in ``<arch>_imagenet/``."""
+    """The teacher's weights as torchvision ships them: a bare state dict in ``<arch>_imagenet/``,
+    a plain dict without BatchNorm counters (IMAGENET1K_V1 files hold none)."""
     path = tmp_path_factory.mktemp("models") / f"{TEACHER}_imagenet" / BARE_NAME
     path.parent.mkdir()
-    torch.save(load(teacher)["model"], path)
+    torch.save({k: v for k, v in load(teacher)["model"].items() if not k.endswith(".num_batches_tracked")}, path)
     return str(path)
 
 
@@ -210,7 +211,7 @@ def test_networks_for_other_data_and_bad_flags(case, folder, teacher, tmp_path, 
     expect_nothing_written(capsys, script, argv, save, fragment)
 
 
-# ---- python -m helper.teachers verify --imagenet -----------------------------------------
+# ---- python -m teacher_zoo verify --imagenet -----------------------------------------
 
 def test_verify_scores_imagenet_teachers_on_val(teacher, bare_teacher, folder, capsys):
     root = str(Path(bare_teacher).parent.parent)

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
+from errors import UserError
+from helper.checkpoint import load_weights
+from imagenet_fixtures import TORCHVISION_FILES, published_state_dict
 from models import create_model, feature_shapes, model_names
 
 DATA = Path(__file__).parent / "data"
@@ -35,24 +38,6 @@ MOBILENET_STAGE_ENDS = (3, 5, 11, 13)
 def module_paths(model: nn.Module, mods) -> list[str | None]:
     paths = {id(m): name for name, m in model.named_modules()}
     return [paths.get(id(m)) for m in mods]
-
-
-def published_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict with the published layout of ``name`` and random, well-scaled values."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in LAYOUTS[name]["state_dict"]:
-        leaf = key.rsplit(".", 1)[1]
-        if leaf == "num_batches_tracked":
-            sd[key] = torch.tensor(7)
-        elif leaf in ("running_var", "weight") and len(shape) == 1:   # BN scale / variance
-            sd[key] = torch.rand(shape, generator=g) + 0.5
-        elif leaf in ("running_mean", "bias"):
-            sd[key] = torch.randn(shape, generator=g) * 0.1
-        else:   # conv or linear weight, He-scaled so activations stay O(1)
-            fan_in = torch.Size(shape[1:]).numel()
-            sd[key] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
-    return sd
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,15 +149,61 @@ def test_parameter_counts_are_torchvisions():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_published_file_loads_strictly(name):
-    """A bare state dict in the published layout, saved and reloaded with weights_only."""
+    """A file made as the published one was (a plain dict; torchvision's without BatchNorm
+    counters), reloaded with weights_only: torch's strict load and ours both take it."""
     buf = io.BytesIO()
     torch.save(published_state_dict(name), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    model = create_model(name, 1000)
-    model.load_state_dict(state, strict=True)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k]), k
+    assert type(state) is dict and not hasattr(state, "_metadata")
+    counters = [k for k in layout_keys(name) if k.endswith(".num_batches_tracked")]
+    assert counters and (all(k not in state for k in counters) if name in TORCHVISION_FILES
+                         else all(k in state for k in counters))
+    for load in (lambda m: m.load_state_dict(dict(state), strict=True),
+                 lambda m: load_weights(m, state, name, "file.pth")):
+        model = create_model(name, 1000)
+        load(model)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state[k]) if k in state else (k in counters and v.item() == 0), k
+
+
+def layout_keys(name: str) -> list[str]:
+    return [key for key, _ in LAYOUTS[name]["state_dict"]]
+
+
+def _without(state: dict, key: str) -> dict:
+    return {k: v for k, v in state.items() if k != key}
+
+
+def test_only_missing_counters_are_forgiven():
+    """torchvision's files lack every num_batches_tracked; any other gap is still an error."""
+    model = create_model("resnet18", 1000)
+    plain = published_state_dict("resnet18")
+    load_weights(model, plain, "resnet18", "r18.pth")
+    # our own state_dict() carries _metadata (BatchNorm version 2), which makes torch's strict
+    # load refuse missing counters; ours fills them either way
+    ours = model.state_dict()
+    for key in [k for k in ours if k.endswith("num_batches_tracked")]:
+        del ours[key]
+    assert ours._metadata["bn1"]["version"] == 2
+    with pytest.raises(RuntimeError, match="num_batches_tracked"):
+        create_model("resnet18", 1000).load_state_dict(ours, strict=True)
+    load_weights(create_model("resnet18", 1000), ours, "resnet18", "r18.pth")
+    for broken, fragment in [(_without(plain, "bn1.running_mean"), "1 missing keys (e.g. bn1.running_mean)"),
+                             ({**plain, "fc.extra": torch.zeros(1)}, "1 unexpected keys (e.g. fc.extra)"),
+                             ({**plain, "bn1.running_var": torch.ones(3)}, "1 shape mismatches (e.g. bn1.running_var")]:
+        with pytest.raises(UserError) as err:
+            load_weights(create_model("resnet18", 1000), broken, "resnet18", "r18.pth")
+        assert str(err.value) == f"checkpoint r18.pth does not match architecture resnet18: {fragment}" \
+            if "shape" not in fragment else fragment in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_another_class_count_is_said_in_classes():
+    with pytest.raises(UserError) as err:
+        load_weights(create_model("resnet18", 2), published_state_dict("resnet18", num_classes=3), "resnet18", "t.pth")
+    assert str(err.value) == ("checkpoint t.pth is a resnet18 with another classifier: "
+                              "the teacher has 3 classes, the data 2")
 
 
 def test_saved_state_dict_round_trips_with_the_same_outputs():

@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from errors import UserError  # noqa: E402
-from helper.tables import calibrate, pack_plan, packing  # noqa: E402
-from train_utils import load_script  # noqa: E402
-from helper.tables.gpu_slots import Slot  # noqa: E402
+from errors import UserError
+from paper_tables import calibrate, pack_plan, packing
+from train_utils import load_script
+from paper_tables.gpu_slots import Slot
 
 
 

@@ -20,10 +20,10 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from helper.tables import recipes, trial_lock  # noqa: E402
-from train_utils import load_script  # noqa: E402
+from paper_tables import recipes, trial_lock
+from teacher_zoo.published import teacher_checkpoint
+from train_utils import load_script
 
 reproduce = load_script("reproduce")
 summarize = load_script("summarize")
@@ -67,7 +67,7 @@ def test_dry_run_has_a_command_for_every_runnable_cell_and_trial(capsys):
         for k in range(1, cell.runs + 1):
             cmd = by_run[cell.run_name(k)]
             flags = _flags(cmd)
-            assert flags["--path_t"] == recipes.teacher_checkpoint(os.path.join("save", "models"), cell.teacher)
+            assert flags["--path_t"] == teacher_checkpoint(os.path.join("save", "models"), cell.teacher)
             assert flags["--model_s"] == cell.student and flags["--trial"] == flags["--seed"] == str(k)
             assert "--resume" in flags and flags["--save_root"] == "/nonexistent/rep"
             assert flags["--teacher_cache"] == "build"  # the first logit run of a teacher builds it
@@ -101,9 +101,26 @@ def test_cell_flags_match_the_paper(table, pair, method, expected):
     assert len(flags) % 2 == 0 and dict(zip(wanted[::2], wanted[1::2])).items() <= pairs.items()
 
 
+def test_dist_takes_its_official_cifar_config_and_cites_it(capsys):
+    """hunto/image_classification_sota dist_cifar.yaml: kd_loss_weight 2, kd dist_t4 (β = γ = 1, τ 4)."""
+    with open(recipes.RECIPES_JSON) as handle:
+        data = json.load(handle)
+    assert "dist_cifar.yaml" in data["source_tags"]["dist-cifar-config"]
+    assert "resnet_dist.yaml" in data["source_tags"]["dist-imagenet-config"]
+    dist = [e for e in data["entries"] if e["method"] == "DIST"]
+    assert len(dist) == 13 and all(e["hyperparameters"]["b"] == {**e["hyperparameters"]["b"], "value": 2.0,
+                                                                  "source": "dist-cifar-config"} for e in dist)
+    for table in ("1", "2"):
+        cmds = [c for c in _dry_run(capsys, "--table", table, "--method", "DIST", "--trials", "1")]
+        assert len(cmds) == {"1": 7, "2": 6}[table]
+        for cmd in cmds:
+            flags = _flags(cmd)
+            assert (flags["--distill"], flags["-r"], flags["-a"], flags["-b"]) == ("dist", "1", "0", "2")
+            assert (flags["--dist_beta"], flags["--dist_gamma"], flags["--dist_tau"]) == ("1", "1", "4")
+    assert not _cell(1, "resnet56:resnet20", "DIST").note  # a sourced value, not a gap we filled
+
+
 def test_gaps_in_the_paper_are_filled_and_marked():
-    dist = _cell(1, "resnet56:resnet20", "DIST")
-    assert "-b 1 --dist_beta 1 --dist_gamma 1 --dist_tau 4" in " ".join(dist.flags()) and "our choice" in dist.note
     for table, pair in ((1, "resnet110:resnet20"), (2, "ResNet50:vgg8")):
         dkd = _cell(table, pair, "DKD")
         assert dkd.paper is None and "--dkd_beta 8" in " ".join(dkd.flags()) and "no paper value" in dkd.note
@@ -297,7 +314,7 @@ def test_unfinished_trial_is_counted_apart_then_resumed_through_submitit(mini, c
 
 
 def test_verify_scores_a_teacher_against_an_expected_table(mini, capsys):
-    from helper import teachers
+    from teacher_zoo import cli as teachers
     root = str(mini["root"] / "teachers")
     import torch
     stored = torch.load(os.path.join(root, "resnet8_vanilla", "ckpt_epoch_240.pth"),

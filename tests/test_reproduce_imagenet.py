@@ -6,15 +6,14 @@ import csv
 import json
 import os
 import shlex
-import sys
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from helper.tables import recipes, recipes_imagenet  # noqa: E402
-from train_utils import load_script  # noqa: E402
+from paper_tables import recipes_imagenet
+from paper_tables.cells import Cell
+from train_utils import load_script
 
 
 
@@ -29,7 +28,7 @@ RECIPE = ("--dataset imagenet --batch_size 256 --epochs 100 --learning_rate 0.1 
           "--lr_decay_rate 0.1 --weight_decay 0.0001 --momentum 0.9")
 
 
-def _cells() -> dict[tuple[str, str], recipes.Cell]:
+def _cells() -> dict[tuple[str, str], Cell]:
     return {(c.pair, c.method): c for c in recipes_imagenet.load_imagenet_cells()}
 
 
@@ -56,7 +55,8 @@ def test_the_table_is_the_papers():
     (R50, "WTTM", "--distill wttm -r 1 -a 0 -b 3.5 --ttm_l 0.7"),
     (R34, "DKD", "--distill dkd -r 1 -a 0 -b 1 --dkd_alpha 1 --dkd_beta 0.5 --dkd_T 1 --dkd_warmup 1"),
     (R50, "DKD", "--dkd_beta 2 --dkd_T 1 --dkd_warmup 1"),
-    (R34, "DIST", "--distill dist -r 1 -a 0 -b 1 --dist_beta 1 --dist_gamma 1 --dist_tau 1"),
+    (R34, "DIST", "--distill dist -r 1 -a 0 -b 2 --dist_beta 1 --dist_gamma 1 --dist_tau 1"),
+    (R50, "DIST", "--distill dist -r 1 -a 0 -b 2 --dist_beta 1 --dist_gamma 1 --dist_tau 1"),
     (R50, "CRD", "--distill crd -r 1 -a 0 -b 0.8 --feat_dim 128 --mode exact --nce_k 16384 --nce_t 0.07 --nce_m 0.5"),
     (R34, "ITRD", "--distill itrd -r 1 -a 0 -b 1 --lambda_corr 2 --lambda_mutual 1 --alpha_it 1.01"),
     (R34, "student", "--distill kd -r 1 -a 0 -b 0"),
@@ -118,6 +118,9 @@ def test_the_dry_run_has_the_default_cells_with_imagenet_teachers_and_data(capsy
     assert wttm[wttm.index("--data_folder") + 1] == "/data/ilsvrc" and wttm[1].endswith("train_student.py")
     assert "missing teacher checkpoint(s)" in text and "resnet50-0676ba61.pth" in text
     assert "our choice" in text  # DKD's batch and ITRD's weights are marked
+    for name in ("imagenet/resnet34-resnet18/DIST/trial_1", "imagenet/resnet50-mobilenet_v1/DIST/trial_1"):
+        dist = runs[name]  # resnet_dist.yaml: ori_loss_weight 1, kd_loss_weight 2
+        assert " ".join(dist).count(" -r 1 -a 0 -b 2 ") == 1 and dist[dist.index("--dist_tau") + 1] == "1"
     cmds, text = _dry_run(capsys, "--pair", R34, "--method", "WTTM", "--trials", "2")  # --pair finds its table
     assert len(cmds) == 2 and "give --data_folder DIR" in text
 
@@ -162,6 +165,10 @@ def test_the_report_sits_beside_the_papers_imagenet_table(tmp_path, capsys):
     assert "72.50 ± - (+0.31)" in rows["WTTM"]  # best of one trial, against the paper's 72.19
     assert rows["ReviewKD"].split()[1:] == ["quoted", "71.61", "72.56"]
     assert "ReviewKD: not runnable here (quoted)" in out
+    # where each shown cell's paper number came from, and the batch said plainly
+    assert "paper's WTTM, ImageNet: the TTM paper's own run with torchdistill" in out  # both columns
+    assert "paper's KD, ImageNet (resnet50→mobilenet_v1): the ReviewKD paper's table" in out
+    assert "Our ImageNet batch is 256 in total" in out
     with open(tmp_path / "report" / "report.csv") as handle:
         report = {(r["student"], r["method"]): r for r in csv.DictReader(handle)}
     assert report[("resnet18", "WTTM")]["table"] == "imagenet" and float(report[("resnet18", "WTTM")]["paper"]) == 72.19
@@ -170,8 +177,29 @@ def test_the_report_sits_beside_the_papers_imagenet_table(tmp_path, capsys):
 
 def test_the_runner_knows_train_student_defaults_per_data_set():
     from helper.config import recipe_of
-    from helper.tables.trial_plan import run_values
+    from paper_tables.trial_plan import run_values
     for dataset in ("cifar100", "digits", "imagenet"):
         values = run_values(["--dataset", dataset])
         assert (values.epochs, values.batch_size) == (recipe_of(dataset)["epochs"], recipe_of(dataset)["batch_size"])
     assert run_values(["--epochs", "3", "--dataset", "imagenet", "--epochs", "5"]).epochs == 5  # the last wins
+
+
+def test_every_cell_says_where_the_papers_number_came_from():
+    cells = _cells()
+    assert all(c.origin for c in cells.values())
+    assert "CRD paper" in cells[(R34, "KD")].origin and "71.37" in cells[(R34, "KD")].origin
+    assert "CRD paper" in cells[(R34, "CRD")].origin
+    for pair in (R34, R50):
+        assert "batch 512, lr 0.2" in cells[(pair, "DKD")].origin
+        assert "batch 512, lr 0.2" in cells[(pair, "ReviewKD")].origin
+    assert "70.13" in cells[(R50, "DIST")].origin and "-b 2" in cells[(R50, "DIST")].origin
+    with open(recipes_imagenet.IMAGENET_JSON, encoding="utf-8") as handle:
+        data = json.load(handle)
+    notes = " ".join(data["notes"])
+    assert "256 in total" in notes and "per process" in notes
+    assert "mmcls" in notes and "73.62 / 76.55" in notes and "120 epochs" in notes
+    assert "mdistiller's ImageNet sampler" in notes and "without replacement" in notes
+    for cell in [c for c in cells.values() if c.method == "DIST"]:
+        sources = {spec["source"] for e in data["entries"] if (e["teacher"], e["method"]) == (cell.teacher, "DIST")
+                   for spec in e["hyperparameters"].values()}
+        assert sources == {"dist-imagenet-config", "dist-official"}

@@ -20,13 +20,12 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from helper.tables import gpu_slots, packing, recipes, trial_lock, trial_progress  # noqa: E402
-from train_utils import load_script  # noqa: E402
-from helper.tables.slurm_runner import slurm_job_function  # noqa: E402
-from helper.tables.trial_plan import paper_method  # noqa: E402
-from errors import UserError  # noqa: E402
+from paper_tables import gpu_slots, packing, recipes, trial_lock, trial_progress
+from train_utils import load_script
+from paper_tables.slurm_runner import slurm_job_function
+from paper_tables.trial_plan import paper_method
+from errors import UserError
 
 
 

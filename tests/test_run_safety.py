@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
 from pathlib import Path
 
@@ -19,8 +20,8 @@ import train_student
 from distiller_zoo import METHODS
 from helper import distributed, resume
 from helper.config import option_names
-from helper.student_flags import build_parser, default_run_name, parse_config
-from train_utils import assert_one_line_error, digits_teacher, read_metrics
+from helper.student_flags import build_parser, default_run_name, legacy_run_name, parse_config
+from train_utils import assert_one_line_error, digits_teacher, only_run_dir, read_metrics
 
 ENV = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -127,7 +128,7 @@ def _other_value(action) -> list[str]:
                                            "trial": "3", "batch_size": "32",
                                            "weight_decay": "0.001"}[action.dest]]
     value = default * 2 if default else 1
-    if action.dest == "nce_m":
+    if action.dest in ("nce_m", "momentum"):  # both must stay below 1
         value = 0.3
     return [action.option_strings[0], str(value)]
 
@@ -152,10 +153,48 @@ def test_runs_that_differ_in_one_training_flag_get_two_folders():
     # the method and the added method are in the name too
     assert _name("--add", "ttm") != base and "crd+wttm" in base
     assert parse_config(["--path_t", "t", "--distill", "wttm"], ENV, "resnet8").distill == "wttm"
-    # readable: the seed's prefix, the added method's l, the trial last
-    assert base.startswith("S:resnet8_T:resnet32x4_cifar100_crd+wttm_r:1.0_a:1.0_b:0.8_")
-    assert "_l:1_" in base and base.endswith("_0")
+    # readable: the seed's fields, the added method's l, the trial last
+    assert base.startswith("S-resnet8_T-resnet32x4_cifar100_crd+wttm_r1_a1_b0.8_")
+    assert "_l1_" in base and base.endswith("_trial0")
     assert option_names(parser)["gamma"] == "-r"
+
+
+@pytest.mark.parametrize("flags, name", [
+    (["--distill", "wttm", "--ttm_l", "0.1", "-r", "1", "-a", "0", "-b", "3", "--trial", "1"],
+     "S-resnet8x4_T-resnet32x4_cifar100_wttm_r1_a0_b3_l0.1_trial1"),
+    (["--distill", "kd", "--add", "kd", "-r", "0.1", "-a", "0.9", "-b", "0", "--kd_T", "4"],
+     "S-resnet8x4_T-resnet32x4_cifar100_kd+kd_r0.1_a0.9_b0_kdT4_trial0"),
+    (["--distill", "crd", "--nce_k", "4096", "--mode", "relax", "--precision", "bf16", "--sync_bn",
+      "--lr_decay_epochs", "100,200", "--weight_decay", "5e-5", "--seed", "9", "--trial", "a/b c"],
+     "S-resnet8x4_T-resnet32x4_cifar100_crd_r1_a0_b0.8_mode-relax_ncek4096_lrdecayepochs100-200_"
+     "weightdecay5e-05_syncbn_precision-bf16_seed9_trial-a-b-c"),
+])
+def test_run_names_are_shell_safe_and_unambiguous(flags, name):
+    """No colon or other character a shell or a Windows file system reads specially; the
+    teacher is ``T-``, KD's temperature ``kdT``; one spelling of numbers (``1``, not ``1.0``)."""
+    cfg = parse_config(["--path_t", "t.pth", "--model_s", "resnet8x4", *flags], ENV, "resnet32x4")
+    assert default_run_name(cfg) == name
+    assert shlex.quote(name) == name and ":" not in name
+    # every flag has one key; no key is another key followed by digits (e.g. a flag 'a' and 'a1')
+    keys = {dest: dest.replace("_", "") for dest in (a.dest for a in build_parser()._actions)}
+    assert len(set(keys.values())) == len(keys) and not any(any(c.isdigit() for c in k) for k in keys.values())
+
+
+def test_resume_finds_a_run_started_under_the_old_name(teacher, tmp_path, capsys):
+    """A run folder named the way earlier versions named it (``S:…_T:…_r:1.0_…``) is
+    continued by ``--resume`` with the same flags, in that folder."""
+    flags = args(teacher, tmp_path, "--distill", "wttm", "--ttm_l", "0.5", "--seed", "3")
+    train_student.main(flags)
+    new = only_run_dir(tmp_path / "student_model")
+    cfg = json.loads((new / "config.json").read_text(encoding="utf-8"))
+    old = new.parent / legacy_run_name(cfg)
+    assert old.name.startswith("S:resnet8_T:resnet14_digits_wttm_r:1.0_a:0.0_b:3.0_") and "_l:0.5_" in old.name
+    new.rename(old)
+    capsys.readouterr()
+    train_student.main(flags + ["--resume", "--epochs", "2"])
+    assert f"resumed {old} after epoch 1" in capsys.readouterr().out
+    assert only_run_dir(tmp_path / "student_model") == old  # no second folder under the new name
+    assert [r["epoch"] for r in read_metrics(old / "metrics.csv")[1]] == ["1", "2"]
 
 
 # ---- files a team can read ------------------------------------------------------------------

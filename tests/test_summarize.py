@@ -16,10 +16,9 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from helper.tables import run_groups  # noqa: E402
-from train_utils import load_script  # noqa: E402
+from paper_tables import run_groups
+from train_utils import load_script
 
 
 
@@ -108,8 +107,43 @@ def test_reproduce_trials_fill_the_table_and_other_runs_stay_apart(tmp_path, cap
 
 def test_training_config_drops_identity_paths_and_output_flags():
     kept = run_groups.training_config(_trial_config(1, my_folder="/x", path_extra="y", new_flag=3))
-    assert kept == {**BASE, "new_flag": 3}  # a flag added later still separates runs
+    # kd_T is --add kd's, and -a 0 leaves that loss out; a flag added later still separates runs
+    assert kept == {**{k: v for k, v in BASE.items() if k != "kd_T"}, "new_flag": 3}
     assert run_groups.training_config(_trial_config(1)) == run_groups.training_config(_trial_config(2))
+
+
+def _recorded(k: int, **changes) -> dict:
+    """A trial's config.json with what a run records about itself beside its flags."""
+    config = _trial_config(k, **changes)
+    return {**config, "teacher_sha256": f"{k}" * 64, "world_size": k, "base_learning_rate": 0.05,
+            "teacher_cache_use": {"mode": "auto", "used": k % 2 == 0, "built": False}}
+
+
+def test_groups_follow_the_flags_that_act_not_what_a_run_recorded(tmp_path, capsys):
+    for k in (1, 2, 3):  # one configuration, whatever each run recorded about itself
+        _run(tmp_path, f"wttm{k}", _recorded(k), [20.0 + k, 30.0])
+    crd = dict(distill="crd", add="none", alpha=0.0, beta=0.8, nce_k=4096)
+    for k, ttm_l in ((1, 0.1), (2, 0.7)):  # --ttm_l does not act on a CRD run
+        _run(tmp_path, f"crd{k}", _recorded(k, ttm_l=ttm_l, **crd), [40.0, 41.0 + k])
+    assert summarize.main(["--save_root", str(tmp_path), "--no_plots"]) == 0
+    printed = capsys.readouterr().out
+    rows = {r["method"]: r for r in _rows(tmp_path / "report")}
+    assert sorted(rows) == ["crd", "wttm"] and rows["wttm"]["n_finished"] == "3" and rows["crd"]["n_finished"] == "2"
+    assert "ttm_l" not in rows["crd"]["other"] and "nce_k=4096" in rows["crd"]["other"]
+    assert "ttm_l=0.1" in rows["wttm"]["other"] and "nce_k" not in rows["wttm"]["other"]
+    for field in ("teacher_sha256", "teacher_cache_use", "world_size", "base_learning_rate"):
+        assert field not in printed
+
+
+def test_long_settings_wrap_instead_of_widening_every_row(tmp_path, capsys):
+    for k, note in ((1, "short"), (2, "a long value " * 12)):
+        _run(tmp_path, f"run{k}", _trial_config(1, note=note.strip()), [10.0, 11.0])
+    assert summarize.main(["--save_root", str(tmp_path), "--no_plots"]) == 0
+    table = capsys.readouterr().out.split("\n\n")[0].splitlines()
+    assert max(len(line) for line in table) < 150, table
+    assert len(table) > 4  # the long value continues on further lines of its row
+    text = " ".join(" ".join(line.split()) for line in table)
+    assert "a long value" in text and "note=short" in text
 
 
 def test_nothing_understood_names_the_layouts_it_expects(tmp_path, capsys):

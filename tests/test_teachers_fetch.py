@@ -27,10 +27,11 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-import models  # noqa: E402
-from helper import teacher_fetch, teachers  # noqa: E402
+import models
+from teacher_zoo import cli as teachers
+from teacher_zoo import fetch as teacher_fetch
+from imagenet_fixtures import published_state_dict
 
 
 def _checkpoint(arch: str) -> bytes:
@@ -211,6 +212,7 @@ def test_check_exit_codes(blobs, tmp_path, capsys):
     path.write_bytes(blobs["resnet56"])
     assert teachers.main(["check", str(path), "--arch", "resnet56", "--num_classes", "100"]) == 0
     assert teachers.main(["check", str(path), "--arch", "resnet56", "--num_classes", "10"]) == teachers.EXIT_INVALID
+    assert "the teacher has 100 classes, the data 10" in capsys.readouterr().err
     assert teachers.main(["check", str(path), "--arch", "resnet110"]) == teachers.EXIT_INVALID
     assert "does not match architecture resnet110" in capsys.readouterr().err
     with pytest.raises(SystemExit) as err:
@@ -277,24 +279,23 @@ def _hashed(stem: str, body: bytes, digits: int = 8) -> str:
 def test_imagenet_good_wrong_hash_and_resumed(server, tmp_path):
     from helper.distill import teacher_arch_from_path
 
-    buffer = io.BytesIO()
-    torch.save(models.create_model("resnet20", 1000).state_dict(), buffer)  # bare, as torchvision's
-    good = buffer.getvalue()
+    good = _torchvision_file("resnet18")
     blob = os.urandom(300_000)
-    names = {"resnet20": _hashed("resnet20", good), "tinynet": _hashed("tinynet", blob, 10),
+    names = {"resnet18": _hashed("resnet18", good), "tinynet": _hashed("tinynet", blob, 10),
              "resnet34": "resnet34-00000000.pth"}
     assert not hashlib.sha256(b"x" * 1000).hexdigest().startswith("00000000")
-    server.files.update({f"/torchvision/{names['resnet20']}": good, f"/torchvision/{names['tinynet']}": blob,
+    server.files.update({f"/torchvision/{names['resnet18']}": good, f"/torchvision/{names['tinynet']}": blob,
                          f"/torchvision/{names['resnet34']}": b"x" * 1000})
     partial = tmp_path / "tinynet_imagenet" / (names["tinynet"] + ".part")
     partial.parent.mkdir()
     partial.write_bytes(blob[:100_000])
     out = _fetch(server, tmp_path, "--imagenet", *(f"{arch}={name}" for arch, name in names.items()))
     assert out.returncode == 1, out.stdout + out.stderr
-    # good: placed where train_student.py reads the architecture, and loaded into our resnet20
-    placed = tmp_path / "resnet20_imagenet" / names["resnet20"]
-    assert placed.read_bytes() == good and teacher_arch_from_path(str(placed)) == "resnet20"
-    assert "resnet20: ok" in out.stdout and "resnet20: loads into our resnet20" in out.stdout
+    # good (made as torchvision's: no BatchNorm counters): placed where train_student.py reads
+    # the architecture, and loaded into our resnet18
+    placed = tmp_path / "resnet18_imagenet" / names["resnet18"]
+    assert placed.read_bytes() == good and teacher_arch_from_path(str(placed)) == "resnet18"
+    assert "resnet18: ok" in out.stdout and "resnet18: loads into our resnet18" in out.stdout
     # resumed from byte 100000; no model of that name: the load check is skipped with a note
     assert (f"/torchvision/{names['tinynet']}", "bytes=100000-") in server.requests
     assert (tmp_path / "tinynet_imagenet" / names["tinynet"]).read_bytes() == blob and not partial.exists()
@@ -318,7 +319,10 @@ def test_imagenet_table_mirror_and_bad_arguments(capsys):
     assert [row[2] for row in rows] == ["http://mirror/tv/resnet18-f37072fd.pth",
                                         "http://mirror/tv/resnet20-0123abcd.pth"]
     assert rows[1][3] == "yes"  # resnet20 is a registered model: the script will load-check it
-    for bad, why in [("resnet101", "unknown ImageNet teacher"), ("wide_resnet=w-0123abcd.pth", "letters and digits"),
+    assert teacher_fetch.main(["imagenet-files", "resnet101", "resnet152"]) == 0  # the stronger teachers
+    assert [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()] == [
+        "resnet101-63fe2227.pth", "resnet152-394f9c45.pth"]
+    for bad, why in [("resnet200", "unknown ImageNet teacher"), ("wide_resnet=w-0123abcd.pth", "letters and digits"),
                      ("resnet50=resnet50.pth", "does not carry a SHA-256 prefix"),
                      ("resnet50=../resnet50-0123abcd.pth", "bare file name")]:
         with pytest.raises(SystemExit) as err:
@@ -361,3 +365,50 @@ def test_extract_accepts_dot_prefix_and_drops_truncated_members(blobs, tmp_path)
     assert not (tmp_path / "two" / "cifar_teachers" / "wrn_40_2_vanilla" / "ckpt_epoch_240.pth").exists()
     (tmp_path / "c.tar").write_bytes(b"<html>not an archive</html>" * 40)
     assert teacher_fetch.main(["extract-cifar", str(tmp_path / "c.tar"), str(tmp_path), "resnet56"]) == 3
+
+
+# --- torchvision's files: no BatchNorm counters -------------------------------------------------
+
+def _torchvision_file(arch: str, num_classes: int = 1000) -> bytes:
+    """A file made as torchvision's IMAGENET1K_V1 ones were: ``torch.save`` of a plain dict in
+    torchvision's key order, without ``num_batches_tracked``."""
+    buffer = io.BytesIO()
+    torch.save(published_state_dict(arch, num_classes=num_classes), buffer)
+    return buffer.getvalue()
+
+
+def test_torchvision_files_pass_check_list_and_the_teacher_load(tmp_path, monkeypatch, capsys):
+    from helper.distill import build_teacher
+    from helper.student import read_teacher
+
+    path = tmp_path / "resnet18_imagenet" / "resnet18-f37072fd.pth"
+    path.parent.mkdir()
+    path.write_bytes(_torchvision_file("resnet18"))
+    assert teachers.main(["check", str(path), "--arch", "resnet18", "--num_classes", "1000"]) == 0
+    assert "is a valid resnet18 checkpoint" in capsys.readouterr().out
+    monkeypatch.setattr(teachers, "sha256_matches", lambda file: True)  # the name cannot be forged
+    assert teachers.main(["list", "--root", str(tmp_path)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["resnet18"].split()[2] == "valid", rows["resnet18"]
+    # train_student.py's way: read the file (weights_only), build the frozen teacher
+    file = read_teacher(str(path))
+    teacher = build_teacher(file.checkpoint, file.path, file.arch(None), 1000, torch.device("cpu"))
+    assert all(int(v) == 0 for k, v in teacher.state_dict().items() if k.endswith("num_batches_tracked"))
+    assert torch.equal(teacher.state_dict()["fc.weight"], file.checkpoint["fc.weight"])
+
+
+def test_other_gaps_classes_and_non_checkpoints_are_one_line(tmp_path, capsys):
+    state = published_state_dict("resnet18", num_classes=3)
+    torch.save({k: v for k, v in state.items() if k != "layer1.0.bn1.running_var"}, tmp_path / "gap.pth")
+    torch.save(published_state_dict("resnet18", num_classes=3), tmp_path / "three.pth")
+    (tmp_path / "notes.pth").write_text("hello, these are my notes\n")
+    (tmp_path / "page.pth").write_text("<!DOCTYPE html><html><body>404</body></html>")
+    for name, classes, fragment in [("gap.pth", 3, "1 missing keys (e.g. layer1.0.bn1.running_var)"),
+                                    ("three.pth", 2, "the teacher has 3 classes, the data 2"),
+                                    ("notes.pth", 2, "it is a text file (it begins 'hello, these are my notes')"),
+                                    ("page.pth", 2, "it is an HTML/XML page")]:
+        argv = ["check", str(tmp_path / name), "--arch", "resnet18", "--num_classes", str(classes)]
+        assert teachers.main(argv) == teachers.EXIT_INVALID
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1, err
+        assert "(101)" not in err and "shape mismatches" not in err

@@ -26,8 +26,10 @@ from train_utils import (TEACHER_ARCH, assert_one_line_error, digits_teacher, lo
 
 NUM_CLASSES = 10
 PAIRS = {"same": "resnet8", "cross": "MobileNetV2"}  # students of the resnet14 teacher
-# By construction: FSP needs equal channel counts per stage, AB one connector per teacher stage.
-UNBUILDABLE = {("fsp", "cross"), ("abound", "cross")}
+# By construction: FSP needs equal channel counts per stage, AB one connector per teacher stage,
+# ReviewKD as many student stages as teacher stages.
+UNBUILDABLE = {("fsp", "cross"), ("abound", "cross"), ("reviewkd", "cross"),
+               ("vitkd", "same"), ("vitkd", "cross")}  # ViTKD needs ViT tokens: tests/test_vit_runs.py
 CONFIGS = {name: ["--distill", name] for name in METHODS.names()}
 CONFIGS["kd"] = ["--distill", "kd", "-r", "0.1", "-a", "0.9", "-b", "0"]  # the seed's KD
 CONFIGS["crd+wttm"] = ["--distill", "crd", "--add", "wttm", "-a", "1", "-b", "0.8"]
@@ -129,13 +131,14 @@ def test_readme_command_runs_unchanged(teacher, tmp_path, command):
     assert config["alpha"] == float(flag(seed_args, "-a")) and config["beta"] == float(flag(seed_args, "-b"))
     assert config["add"] == flag(seed_args, "--add", "kd") and config["trial"] == "1"
     assert config["ttm_l"] == float(flag(seed_args, "--ttm_l", 1.0))
-    # the seed's run name (plus the added method and its temperature or l), and its text log:
-    # one accuracy per epoch, then 'best: ...'
-    method, extra = {"repdistiller-kd": ("kd+kd", "_T:4"), "repdistiller-crd": ("crd", ""),
-                     "repdistiller-crd+kd": ("crd+kd", "_T:4"), "ttm-ttm": ("ttm", "_l:0.1"),
-                     "ttm-crd+wttm": ("crd+wttm", "_l:0.2")}[command]
-    run_name = (f"S:{flag(seed_args, '--model_s')}_T:{TEACHER_ARCH}_digits_{method}_"
-                f"r:{config['gamma']}_a:{config['alpha']}_b:{config['beta']}{extra}_1")
+    # the run name (the seed's fields, the added method, its temperature or l, shell-safe), and
+    # its text log: one accuracy per epoch, then 'best: ...'
+    run_name = {"repdistiller-kd": "S-resnet8x4_T-resnet14_digits_kd+kd_r0.1_a0.9_b0_kdT4_trial1",
+                "repdistiller-crd": "S-resnet8x4_T-resnet14_digits_crd_r1_a0_b0.8_trial1",
+                "repdistiller-crd+kd": "S-resnet8x4_T-resnet14_digits_crd+kd_r1_a1_b0.8_kdT4_trial1",
+                "ttm-ttm": "S-vgg8_T-resnet14_digits_ttm_r1_a0_b45_l0.1_trial1",
+                "ttm-crd+wttm": "S-vgg8_T-resnet14_digits_crd+wttm_r1_a4_b0.8_l0.2_trial1"}[command]
+    assert TEACHER_ARCH == "resnet14"
     assert run["run_dir"] == tmp_path / "save" / "student_model" / run_name
     acc = float(run["row"]["test_acc"])
     log = (tmp_path / "save" / "student_log" / f"{run_name}.txt").read_text().splitlines()
@@ -295,3 +298,16 @@ def test_teacher_file_problems_are_one_line_errors(teacher, tmp_path, capsys):
 ])
 def test_bad_student_flags(teacher, tmp_path, capsys, extra, fragment):
     expect_user_error(capsys, student_args(teacher, tmp_path) + extra, fragment)
+
+
+def test_crd_says_when_nce_k_exceeds_the_negatives_available(teacher, tmp_path, caplog):
+    """64 training digits: each class has about 58 samples of other classes to draw from."""
+    with caplog.at_level("WARNING"):
+        train_student.main(student_args(teacher, tmp_path, "resnet8", "--distill", "crd", "--nce_k", "60"))
+    said = [r.getMessage() for r in caplog.records if "--nce_k" in r.getMessage()]
+    assert len(said) == 1 and "--nce_k 60 is more than the" in said[0]
+    assert "drawn with replacement" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        train_student.main(student_args(teacher, tmp_path, "resnet8", "--distill", "crd", "--nce_k", "16"))
+    assert not [r for r in caplog.records if "--nce_k" in r.getMessage()]

@@ -284,3 +284,43 @@ def test_resume_after_kill_9_ends_bitwise_identical(tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(rows_a) == strip(rows_b)
     assert json.loads((killed_dir / "summary.json").read_text())["finished"] is True
+
+
+# ---- files a loader could not decode ----------------------------------------------------
+
+def test_skipped_validation_files_are_counted_apart_from_training_ones(tmp_path):
+    """A tiny ImageNet-style folder with its corrupt training JPEG and one corrupt validation
+    file: each is counted in its own column of metrics.csv."""
+    import glob
+
+    from imagenet_fixtures import make_tiny_imagenet
+
+    root = tmp_path / "imagenet"
+    make_tiny_imagenet(str(root))
+    for path in glob.glob(f"{root}/train/*/*_[0-5].*") + glob.glob(f"{root}/val/*/*000[12].JPEG"):
+        os.remove(path)  # the odd training files and one validation image per class remain
+    Path(sorted(glob.glob(f"{root}/val/*/*"))[0]).write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    with pytest.warns(UserWarning, match="cannot decode"):
+        best = train_teacher.main(["--model", "resnet18", "--dataset", "imagenet", "--data_folder",
+                                   str(root), "--batch_size", "4", "--epochs", "1", "--seed", "1",
+                                   "--workers", "0", "--save_root", str(tmp_path), "--device", "cpu"])
+    header, rows = read_metrics(Path(best).parent / "metrics.csv")
+    assert header[:len(METRIC_COLUMNS)] == METRIC_COLUMNS
+    assert (rows[0]["skipped_files"], rows[0]["skipped_val_files"]) == ("1", "1")
+
+
+# ---- the demo's threads -----------------------------------------------------------------
+
+def test_demo_uses_the_cores_other_processes_leave_idle():
+    from train_utils import load_script
+
+    demo = load_script("demo")
+    assert demo.idle_cores(cores=2, load=0.1) == 2  # alone: every core
+    assert demo.idle_cores(cores=2, load=1.9) == 1  # busy (the issue's 2-core machine): one
+    assert demo.idle_cores(cores=2, load=7.0) == 1  # never fewer than one
+    assert demo.idle_cores(cores=64, load=0.0) == demo.MAX_THREADS
+    assert 1 <= demo.idle_cores() <= demo.MAX_THREADS  # this machine's own figures
+    assert demo.choose_threads(3, {"OMP_NUM_THREADS": "2"}) == (3, "--threads")
+    assert demo.choose_threads(None, {"OMP_NUM_THREADS": "2"}) == (2, "OMP_NUM_THREADS")
+    threads, why = demo.choose_threads(None, {})
+    assert threads == demo.idle_cores() and "load average" in why

@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 SMALL_TRAIN = 64
 SMALL_TEST = 50
@@ -102,8 +100,7 @@ def digits_teacher(tmp_path_factory, monkeypatch_cls) -> str:
 def subprocess_env(threads: int = 1) -> dict[str, str]:
     """The environment of a child run: deterministic thread count, no network."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(REPO))
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     # Any download attempt goes to a closed loopback port and fails at once (urllib honours
     # the proxy variables), instead of waiting on the real network.
     for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
