@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from dataset import Data
 from errors import exit_on_user_error
 from helper.teacher_run import train
 
 
 @exit_on_user_error
-def main(argv: Optional[Sequence[str]] = None) -> str:
-    """Trains the network; returns the path of its best checkpoint."""
-    return train(argv)
+def main(argv: Optional[Sequence[str]] = None, data: Optional[Data] = None) -> str:
+    """Trains the network (on ``data``, a loaded data set, when given; else the flags' data
+    set); returns the path of its best checkpoint."""
+    return train(argv, data)
 
 
 if __name__ == "__main__":

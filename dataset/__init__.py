@@ -15,7 +15,9 @@ from typing import Callable, NamedTuple, Union
 from dataset.base import CIFAR100_MEAN, CIFAR100_STD, ImageDataset
 from dataset.cifar100 import CIFAR100_MD5, CIFAR100_URL, load_cifar100
 from dataset.digits import load_digits32
+from dataset.augment_recipe import DEIT, TrainAugment
 from dataset.imagenet_loader import DECODE_MODES, ImageFolderData, load_imagenet
+from dataset.imagenet_transforms import INTERPOLATIONS
 from dataset.loader import DeviceLoader, augment, draw_augmentation, normalize
 from errors import UserError
 
@@ -67,5 +69,5 @@ __all__ = [
     "CIFAR100_MD5", "CIFAR100_MEAN", "CIFAR100_STD", "CIFAR100_URL", "DATASETS", "DECODE_MODES",
     "Data", "DeviceLoader", "ImageDataset", "ImageFolderData", "augment", "dataset_help",
     "draw_augmentation", "load_cifar100", "load_dataset", "load_digits32", "load_imagenet",
-    "normalize",
+    "normalize", "DEIT", "INTERPOLATIONS", "TrainAugment",
 ]

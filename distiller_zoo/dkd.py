@@ -51,9 +51,13 @@ def dkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target:
     p_s = _binary(F.softmax(logits_student / T, dim=1), gt_mask)
     p_t = _binary(F.softmax(logits_teacher / T, dim=1), gt_mask)
     tckd = F.kl_div(torch.log(p_s), p_t, reduction="sum") * (T ** 2) / target.shape[0]
-    p_t_rest = F.softmax(logits_teacher / T - 1000.0 * gt_mask, dim=1)
+    # The teacher side as log-probabilities: its masked target entry is exactly 0 as a
+    # probability, and kl_div's gradient with respect to a 0 target is 0/0 = NaN, which a
+    # learnable temperature (CTKD) receives. The value is mdistiller's kl_div(log p_s, p_t).
+    log_p_t_rest = F.log_softmax(logits_teacher / T - 1000.0 * gt_mask, dim=1)
     log_p_s_rest = F.log_softmax(logits_student / T - 1000.0 * gt_mask, dim=1)
-    nckd = F.kl_div(log_p_s_rest, p_t_rest, reduction="sum") * (T ** 2) / target.shape[0]
+    nckd = (F.kl_div(log_p_s_rest, log_p_t_rest, reduction="sum", log_target=True)
+            * (T ** 2) / target.shape[0])
     return alpha * tckd + beta * nckd
 
 

@@ -17,6 +17,8 @@ from typing import Any, Callable
 import torch
 
 from errors import UserError
+from models.vit import ARCHS as VIT_ARCHS
+from models.vit_layouts import to_timm_state_dict
 
 
 def new_file_mode() -> int:
@@ -153,6 +155,23 @@ def state_dict_of(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"checkpoint {path} has no 'model' state dict")
     return sd
+
+
+def model_state_of(ckpt: dict[str, Any], path: str, arch: str) -> dict[str, torch.Tensor]:
+    """The state dict of ``arch`` in a teacher file, in our (timm's, torchvision's,
+    RepDistiller's) key layout: a ViT file in mmcls's (``state_dict`` nested, ``backbone.*``)
+    or Facebook's (``model`` nested, ``gamma_1``) layout is mapped key by key by
+    :func:`models.vit_layouts.to_timm_state_dict`; any other file is :func:`state_dict_of`'s.
+
+    Raises:
+        UserError: no state dict, or a ViT file whose keys no table maps (one line).
+    """
+    if arch in VIT_ARCHS:
+        try:
+            return to_timm_state_dict(ckpt)
+        except ValueError as err:
+            raise UserError(f"teacher checkpoint {path}: {err}") from None
+    return state_dict_of(ckpt, path)
 
 
 COUNTER = "num_batches_tracked"

@@ -10,13 +10,13 @@ import os
 from typing import Any, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import models
 from distiller_zoo import METHODS, Batch, Distiller, MethodContext, Outputs
 from distiller_zoo.base import total_loss
-from helper.checkpoint import load_weights, state_dict_of
+from helper.checkpoint import load_weights, model_state_of
+from helper.optim import hard_labels, smoothed_cross_entropy
 from errors import UserError
 
 
@@ -35,7 +35,7 @@ def teacher_arch_from_path(path: str) -> str:
 
 
 def build_teacher(checkpoint: dict[str, Any], path: str, arch: str, num_classes: int,
-                  device: torch.device) -> nn.Module:
+                  device: torch.device, drop_path_rate: float = 0.0) -> nn.Module:
     """Builds ``arch`` and loads a teacher checkpoint into it strictly, frozen.
 
     Args:
@@ -45,28 +45,39 @@ def build_teacher(checkpoint: dict[str, Any], path: str, arch: str, num_classes:
         arch: the architecture it must hold.
         num_classes: classes of the data set (must match the checkpoint's classifier).
         device: where the teacher runs.
+        drop_path_rate: the teacher's stochastic depth (active only with ``--teacher_train_mode``).
 
     Returns:
         The teacher in eval mode with ``requires_grad`` off.
     """
-    teacher = models.create_model(arch, num_classes)
-    load_weights(teacher, state_dict_of(checkpoint, path), arch, path)
+    try:
+        teacher = models.create_model(arch, num_classes, drop_path_rate)
+    except ValueError as err:
+        raise UserError(f"--teacher_drop_path: {err}") from None
+    load_weights(teacher, model_state_of(checkpoint, path, arch), arch, path)
     return teacher.to(device).eval().requires_grad_(False)
 
 
 class FrozenTeacher:
     """Runs the teacher under ``inference_mode`` in eval mode; not an ``nn.Module`` on
-    purpose, so that no optimiser, DDP wrapper or ``.train()`` call can reach it."""
+    purpose, so that no optimiser, DDP wrapper or ``.train()`` call can reach it.
 
-    def __init__(self, model: nn.Module, feature_kind: Optional[str], autocast_ctx) -> None:
-        self.model = model.eval()
+    ``train_mode`` (``--teacher_train_mode``) runs it in train mode instead, as cls_KD does
+    (its distiller never puts the teacher back into eval mode): dropout and drop path act,
+    and a BatchNorm teacher would normalise with batch statistics. It is still never trained.
+    """
+
+    def __init__(self, model: nn.Module, feature_kind: Optional[str], autocast_ctx,
+                 train_mode: bool = False) -> None:
+        self.train_mode = train_mode
+        self.model = model.train(train_mode)
         self.feature_kind = feature_kind
         self.autocast_ctx = autocast_ctx
 
     def __call__(self, images: torch.Tensor, views: Optional[torch.Tensor] = None) -> Outputs:
         """The teacher's outputs for ``images [B, 3, H, W]`` (``views``, the loader's view ids,
         are not needed by a live teacher)."""
-        self.model.eval()
+        self.model.train(self.train_mode)
         with torch.inference_mode(), self.autocast_ctx():
             if self.feature_kind is None:
                 logits, feats = self.model(images), None
@@ -127,9 +138,10 @@ class DistillObjective(nn.Module):
     """
 
     def __init__(self, student: nn.Module, main: Distiller, add: Optional[Distiller],
-                 gamma: float, alpha: float, beta: float) -> None:
+                 gamma: float, alpha: float, beta: float, smoothing: float = 0.0) -> None:
         super().__init__()
         self.student = student
+        self.smoothing = smoothing  # label smoothing of the CE term (--smoothing)
         self.main = main
         self.add = add
         self.weights = (gamma, alpha, beta)
@@ -144,8 +156,8 @@ class DistillObjective(nn.Module):
         gamma, alpha, beta = self.weights
         s = student_outputs(self.student, images, self.student_kind)
         with torch.autocast(device_type=images.device.type, enabled=False):
-            batch = Batch(labels=labels, index=index, epoch=epoch)
-            ce = F.cross_entropy(s.logits, labels)
+            batch = Batch(labels=hard_labels(labels), index=index, epoch=epoch)
+            ce = smoothed_cross_entropy(s.logits, labels, self.smoothing)
             terms = {"ce": ce}
             loss = gamma * ce
             if self.use_add:
@@ -186,9 +198,16 @@ class DistillObjective(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The student's parameters, then the methods' that require grad (after
         :meth:`freeze_untrained`): what the optimiser updates."""
-        methods = [m for m in (self.main, self.add) if m is not None]
-        return list(self.student.parameters()) + [p for m in methods for p in m.parameters()
-                                                  if p.requires_grad]
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of :meth:`trainable_parameters`; the student's names are its
+        own (``cls_token``, ``blocks.0.norm1.weight``), the methods' are prefixed ``main.``/``add.``."""
+        named = list(self.student.named_parameters())
+        for prefix, m in (("main", self.main), ("add", self.add)):
+            if m is not None:
+                named += [(f"{prefix}.{n}", p) for n, p in m.named_parameters() if p.requires_grad]
+        return named
 
     def task_state(self) -> dict[str, Any]:
         """Method-owned state (memory banks, connectors, samplers) for the resume file."""

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from helper.graph_capture import CudaGraphs, StateSnapshot, max_relative_error
-from helper.step import StepOut, TrainStep
+from helper.step import StepOut, TrainStep, unpack
 
 WARMUP_STEPS = 2
 GRAPH_EVENTS = "graph_events.jsonl"  # in the run folder: one JSON line per fallback
@@ -111,9 +111,8 @@ class GraphedStep:
 
     Args:
         eager: the eager step (what the graph records; also runs the other batches).
-        objective: the unwrapped objective (its ``graph_key(epoch)``, and the modules whose
-            state the snapshots cover, with ``extra_modules``).
-        extra_modules: other modules a step changes (none today; the teacher is frozen).
+        objective: the unwrapped objective (its ``graph_key(epoch)``; the snapshots cover its
+            state: the teacher is frozen and outside it).
         graph_api: how graphs are made; :class:`~helper.graph_capture.CudaGraphs` by default.
             Tests pass stand-ins that re-run the step or raise, to exercise this on the CPU.
         batch_size: the loader's full batch; only batches of this size are captured and
@@ -121,11 +120,11 @@ class GraphedStep:
         on_event: called with each event (a fallback) as it happens, e.g. :func:`append_event`.
     """
 
-    def __init__(self, eager: TrainStep, objective: nn.Module, extra_modules: tuple[nn.Module, ...] = (),
+    def __init__(self, eager: TrainStep, objective: nn.Module,
                  graph_api: Optional[CudaGraphs] = None, batch_size: Optional[int] = None,
                  on_event: Optional[Callable[[dict[str, Any]], None]] = None) -> None:
         self.eager, self.objective = eager, objective
-        self.modules = [objective, *extra_modules]
+        self.modules = [objective]
         self.api = graph_api or CudaGraphs()
         self.batch_size, self.batch_size_given, self.on_event = batch_size, batch_size is not None, on_event
         self.tolerance = TOLERANCES.get(eager.precision, TOLERANCES["bf16"])
@@ -184,8 +183,7 @@ class GraphedStep:
         return self.eager(*self._unstatic(), epoch)
 
     def _unstatic(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        images, labels, index, *rest = self.static  # type: ignore[misc]
-        return images, labels, index, (rest[0] if rest else None)
+        return unpack(tuple(self.static))  # type: ignore[arg-type]
 
     def _drop_graph(self) -> None:
         graph, self.graph, self.out, self.key = self.graph, None, None, None
@@ -252,8 +250,7 @@ class GraphedStep:
             self.on_event(event)
         warnings.warn(f"the CUDA-graph step failed at {stage} (epoch {epoch}; {reason}); "
                       f"this run continues eagerly")
-        images, labels, index, *rest = inputs
-        return self.eager(images, labels, index, rest[0] if rest else None, epoch)
+        return self.eager(*unpack(tuple(inputs)), epoch)
 
 
 class CaptureMismatch(RuntimeError):

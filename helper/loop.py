@@ -17,14 +17,15 @@ import torch
 from torch import nn
 
 from helper import distributed
-from helper.checkpoint import atomic_save, rng_state
-from helper.config import Config, learning_rate_at
+from helper.checkpoint import atomic_save, rng_state, set_rng_state
+from helper.config import Config
 from helper.distributed import DistEnv
 from errors import UserError
 from helper.evaluate import evaluate
 from helper.graph_step import step_record
 from helper.logbook import Logbook, write_json
-from helper.step import StepOut, TrainStep, unpack
+from helper.optim import LRSchedule
+from helper.step import StepOut, unpack
 
 
 class NonFiniteLoss(UserError):
@@ -110,15 +111,14 @@ class Trainer:
             "terms": {name: 0-d}}``.
         model: the network that is evaluated and checkpointed (the student; unwrapped).
         arch: its architecture name (checkpoint file names and ``'arch'``).
-        optimizer: SGD over the trainable parameters.
+        optimizer: over the trainable parameters (``--opt``).
         train_loader / test_loader: on-device loaders yielding ``(images, labels, index)``.
         run_dir: the run folder.
         logbook: per-epoch records (rank 0 only; None elsewhere).
-        teacher: maps ``(images, views)`` to the teacher's outputs, or None (teacher training).
+        step: the per-batch step (:class:`~helper.step.TrainStep`, or a CUDA-graph step).
+        schedule: the learning rate of every step (set per epoch, or per iteration).
         task_state: returns the method-owned state saved in the resume checkpoint only.
         memory_format: of the input batches.
-        step: the per-batch step; None builds the eager :class:`~helper.step.TrainStep` from
-            the parts above.
         step_mode: how the step was planned to run (the header's line); ``summary.json``
             records it, or the fallback a CUDA-graph step took.
     """
@@ -133,10 +133,10 @@ class Trainer:
     test_loader: Iterable
     run_dir: str
     logbook: Optional[Logbook]
-    teacher: Optional[Callable[[torch.Tensor], Any]] = None
+    step: Callable[..., StepOut]
+    schedule: LRSchedule
     task_state: Callable[[], dict[str, Any]] = field(default=lambda: {})
     memory_format: torch.memory_format = torch.contiguous_format
-    step: Optional[Callable[..., StepOut]] = None
     step_mode: str = "eager"
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -145,11 +145,11 @@ class Trainer:
         self.objective.train()
         meters = DeviceMeters(device)
         steps = len(self.train_loader)
-        run_step = self.step or TrainStep(self.objective, self.teacher, self.optimizer, cfg.precision,
-                                          self.memory_format)
         for step, batch in enumerate(self.train_loader, start=1):
+            if self.schedule.per_iteration:  # warm-up / cosine: a rate per step
+                self.set_lr(self.schedule.at(epoch, step - 1, steps))
             images, labels, index, views = unpack(batch)
-            out = run_step(images, labels, index, views, epoch)
+            out = self.step(images, labels, index, views, epoch)
             meters.update({"loss": out.loss, **{f"loss_{k}": v for k, v in out.terms.items()}},
                           out.correct, labels.shape[0])
             if step % cfg.print_freq == 0 or step == steps:
@@ -215,14 +215,30 @@ class Trainer:
                 out[column] = len(set().union(*files))
         return out
 
+    def restore(self, state: dict[str, Any], load_task_state: Callable[[dict[str, Any]], None]) -> None:
+        """Continues the run saved in ``state`` (a ``resume.pth``): network, optimiser, the
+        loader's position, the methods' own state and every global random state come back,
+        so the continued run is the same run."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_loader.load_state_dict(state["loader"])
+        load_task_state(state.get("task_state", {}))
+        set_rng_state(state["rng"], self.env.device)
+        if self.env.is_main:
+            print(f"resumed {self.run_dir} after epoch {state['epoch']}", flush=True)
+
+    def set_lr(self, lr: float) -> None:
+        """Sets the learning rate of every parameter group."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def fit(self, progress: Progress) -> Progress:
         """Trains from ``progress.epoch + 1`` to ``cfg.epochs``; returns the final progress."""
         cfg = self.cfg
         clock = RunClock(progress.epoch, cfg.epochs)
         for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-            lr = learning_rate_at(cfg, epoch)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            lr = self.schedule.at(epoch, 0, len(self.train_loader))  # the epoch's first step's
+            self.set_lr(lr)
             start = time.perf_counter()
             train = self.train_epoch(epoch)
             distributed.share_buffers(self.model, self.env)  # score the network rank 0 saves

@@ -6,11 +6,12 @@ below is what every run uses on the CPU, and what a CUDA-graph step replays (see
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
+from helper.optim import clip_gradients, hard_labels
 from helper.speed import autocast
 
 
@@ -34,14 +35,21 @@ class TrainStep:
         precision: ``fp32`` or ``bf16`` (autocast of the forward passes).
         memory_format: layout the images are given in.
         cache_casts: autocast's weight-cast cache (off when the step is captured as a graph).
+        clip_grad: the largest global L2 norm of ``parameters``' gradients (``--clip_grad``),
+            or None.
+        parameters: what the optimiser updates (the norm is taken over these).
     """
 
     def __init__(self, objective: nn.Module, teacher: Optional[Callable[..., Any]],
                  optimizer: torch.optim.Optimizer, precision: str,
                  memory_format: torch.memory_format = torch.contiguous_format,
-                 cache_casts: bool = True) -> None:
+                 cache_casts: bool = True, clip_grad: Optional[float] = None,
+                 parameters: Sequence[nn.Parameter] = ()) -> None:
         self.objective, self.teacher, self.optimizer = objective, teacher, optimizer
         self.precision, self.memory_format, self.cache_casts = precision, memory_format, cache_casts
+        self.clip_grad, self.parameters = clip_grad, list(parameters)
+        if clip_grad is not None and not self.parameters:
+            raise ValueError("clip_grad needs the parameters whose gradient norm it bounds")
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
                  views: Optional[torch.Tensor], epoch: int) -> StepOut:
@@ -52,8 +60,9 @@ class TrainStep:
             out = self.objective(images, labels, index, epoch, teacher_out)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
+        clip_gradients(self.parameters, self.clip_grad)
         self.optimizer.step()
-        correct = out["logits"].detach().argmax(dim=1).eq(labels).sum()
+        correct = out["logits"].detach().argmax(dim=1).eq(hard_labels(labels)).sum()
         return StepOut(out["loss"].detach(), {k: v.detach() for k, v in out["terms"].items()}, correct)
 
 

@@ -1,42 +1,43 @@
 """The student run: flags → validated config → teacher, data, objective, step → a trained student.
 
-``train_student.py`` is ``train(argv)``; ``scripts/benchmark.py`` and the tests build the same
-parts through :func:`helper.student_flags.parse_config`, :func:`build_objective` and
-:func:`assemble_step`, so what they time or check is what training runs.
+``train_student.py`` is ``train(argv)``; the run is assembled by :func:`helper.assemble.assemble`,
+as every run is. The benchmark and the tests build the same parts through
+:func:`helper.student_flags.parse_config`, :func:`build_objective` and
+:func:`helper.assemble.assemble_step`, so what they time or check is what training runs.
 
     loss = r·CE + a·ADD + b·MAIN        (ADD = --add, MAIN = --distill)
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import torch
 from torch import nn
 
 import models
-from distiller_zoo import METHODS, Outputs
+from dataset import Data
+from distiller_zoo import METHODS
 from errors import UserError
 from helper import distributed, resume, teacher_cache
-from helper.checkpoint import load_checkpoint
-from helper.config import Config, given_flags, option_names, parse_with
-from helper.distill import (DistillObjective, FrozenTeacher, build_teacher, describe_objective,
-                            method_context, teacher_arch_from_path)
+from helper.assemble import assemble
+from helper.checkpoint import file_sha256, load_checkpoint
+from helper.cli import OneLineParser
+from helper.config import Config
+from helper.data_setup import check_data_fits, closed_on_failure, load_data, make_loaders
+from helper.distill import DistillObjective, build_teacher, describe_objective, method_context, teacher_arch_from_path
 from helper.evaluate import evaluate
+from helper.graph_step import GRAPH_EVENTS
 from helper.init_stage import run_init_stage
-from helper.loop import Trainer
-from helper.run import (check_data_fits, closed_on_failure, load_data, make_loaders, make_logbook,
-                        open_run_dir, restore, seed_everything, train_and_report)
-from helper.graph_step import GRAPH_EVENTS, GraphedStep, append_event, graph_plan, report_step_mode
-from helper.speed import autocast, maybe_compile, memory_format
-from helper.step import TrainStep
+from helper.optim import description
+from helper.run_folder import (make_logbook, open_run_dir, progress_of, read_resume, seed_everything,
+                               train_and_report)
 from helper.run_lock import RunLock
-from helper.student_flags import (build_parser, default_run_name, legacy_run_name, resolve_config,
-                                  unused_flags)
+from helper.speed import memory_format
+from helper.student_flags import build_parser, default_run_name, legacy_run_name, resolve_config, unused_flags
 from helper.teacher_cache.class_means import class_means_for_run
+
 
 @dataclass(frozen=True)
 class TeacherFile:
@@ -60,15 +61,13 @@ class TeacherFile:
 def read_teacher(path: str) -> TeacherFile:
     """Loads a teacher checkpoint safely (``weights_only``) and hashes it."""
     checkpoint = load_checkpoint(path, "teacher checkpoint")
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return TeacherFile(path, checkpoint, digest.hexdigest())
+    return TeacherFile(path, checkpoint, file_sha256(path))
 
 
-def configure(argv: Optional[Sequence[str]], env: distributed.DistEnv) -> tuple[Config, TeacherFile, str]:
-    """Parses the command line, reads the teacher and reconciles ``--resume`` with the saved run.
+def configure(flags: dict[str, Any], given: set[str], env: distributed.DistEnv,
+              parser: OneLineParser) -> tuple[Config, TeacherFile, str]:
+    """Validates the parsed flags (``given``: those typed), reads the teacher and reconciles
+    ``--resume`` with the saved run.
 
     Returns:
         The configuration, the teacher file and the run name (the folder under
@@ -77,9 +76,6 @@ def configure(argv: Optional[Sequence[str]], env: distributed.DistEnv) -> tuple[
     Raises:
         UserError: a bad flag, an unreadable teacher, or a resume that would change the run.
     """
-    parser = build_parser()
-    flags = vars(parse_with(parser, argv))
-    given = given_flags(parser, argv)
     teacher = read_teacher(flags["path_t"])
 
     def resolve(values: dict[str, Any], drawn_seed: Optional[int]) -> Config:
@@ -89,7 +85,7 @@ def configure(argv: Optional[Sequence[str]], env: distributed.DistEnv) -> tuple[
     cfg = resolve(flags, None)
     run_name = run_name_of(cfg)
     run_dir = os.path.join(cfg.save_root, "student_model", run_name)
-    cfg = resume.reconcile(cfg, flags, given, run_dir, resolve, option_names(parser), unused_flags)
+    cfg = resume.reconcile(cfg, flags, given, run_dir, resolve, parser.option_names(), unused_flags)
     return cfg, teacher, run_name
 
 
@@ -119,63 +115,16 @@ def build_method(name: str, ctx) -> nn.Module:
 
 def build_objective(cfg: Config, env: distributed.DistEnv, data, teacher: nn.Module) -> DistillObjective:
     """The student (``cfg.model_s``) and its methods, on ``env.device``."""
-    student = models.create_model(cfg.model_s, data.num_classes).to(env.device)
+    try:
+        student = models.create_model(cfg.model_s, data.num_classes, cfg.get("drop_path", 0.0)).to(env.device)
+    except ValueError as err:
+        raise UserError(f"--drop_path: {err}") from None
     ctx = method_context(cfg, student, teacher, cfg.model_s, cfg.model_t, data.train_labels.to(env.device),
                          data.num_classes, env.device, data.image_size,
                          teacher_class_means=class_means_for_run(cfg, env, data, teacher))  # KD++
     main = build_method(cfg.distill, ctx).to(env.device)
     add = build_method(cfg.add, ctx).to(env.device) if cfg.add and cfg.alpha else None
-    return DistillObjective(student, main, add, cfg.gamma, cfg.alpha, cfg.beta)
-
-
-@dataclass
-class Step:
-    """What one training step runs.
-
-    Attributes:
-        student: the plain student (evaluated and checkpointed).
-        teacher: the frozen teacher callable (compiled with ``--compile``), or the cached
-            teacher that looks its logits up by view id.
-        optimizer: SGD over the student's and the methods' trainable parameters.
-        trainable: the module the loop calls: the objective, its student compiled when asked,
-            DDP-wrapped on several ranks (the teacher stays outside DDP).
-        run: the per-batch step the loop calls (eager, or replayed from a CUDA graph).
-        mode: how ``run`` runs, for the run's header.
-    """
-
-    student: nn.Module
-    teacher: Callable[..., Outputs]
-    optimizer: torch.optim.Optimizer
-    trainable: nn.Module
-    run: TrainStep | GraphedStep
-    mode: str
-
-
-def assemble_step(cfg: Config, env: distributed.DistEnv, objective: DistillObjective,
-                  teacher: nn.Module, fmt: torch.memory_format,
-                  cached: Optional[teacher_cache.CachedTeacher] = None,
-                  events_file: Optional[str] = None) -> Step:
-    """The parts of one training step (``scripts/benchmark.py`` times exactly these); the
-    step's teacher is ``cached`` when given, else the live frozen ``teacher``. A CUDA-graph
-    step appends each fallback to ``events_file`` (a run's ``graph_events.jsonl``) when given."""
-    teacher.to(memory_format=fmt)
-    distributed.convert_sync_bn(objective, cfg.sync_bn, env)
-    objective.student.to(memory_format=fmt)
-    objective.freeze_untrained()  # before DDP: it registers what requires grad
-    optimizer = torch.optim.SGD(objective.trainable_parameters(), lr=cfg.learning_rate,
-                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    graphed, mode = graph_plan(cfg.cuda_graphs, env.device, env.world_size, cfg.compile, objective,
-                               *([cached] if cached is not None else []))
-    frozen = cached if cached is not None else FrozenTeacher(
-        maybe_compile(teacher, cfg.compile, cfg.compile_mode), objective.feature_kind,
-        lambda: autocast(env.device, cfg.precision, cache=not graphed))
-    student = objective.student
-    objective.student = maybe_compile(student, cfg.compile, cfg.compile_mode)
-    trainable = distributed.wrap(objective, env)
-    eager = TrainStep(trainable, frozen, optimizer, cfg.precision, fmt, cache_casts=not graphed)
-    run = GraphedStep(eager, objective, batch_size=cfg.batch_size // env.world_size,
-                      on_event=append_event(events_file) if events_file else None) if graphed else eager
-    return Step(student, frozen, optimizer, trainable, run, mode)
+    return DistillObjective(student, main, add, cfg.gamma, cfg.alpha, cfg.beta, cfg.get("smoothing", 0.0))
 
 
 def warn_if_plain_training(cfg: Config, objective: DistillObjective) -> None:
@@ -189,23 +138,26 @@ def warn_if_plain_training(cfg: Config, objective: DistillObjective) -> None:
           file=sys.stderr, flush=True)
 
 
-def train(argv: Optional[Sequence[str]] = None) -> str:
-    """Distils the student that ``argv`` describes; returns the path of its best checkpoint
-    (or of its last one when no epoch beat 0 %)."""
-    env = distributed.setup(parse_with(build_parser(), argv).device)
-    cfg, teacher_file, run_name = configure(argv, env)
+def train(argv: Optional[Sequence[str]] = None, data: Optional[Data] = None) -> str:
+    """Distils the student that ``argv`` describes (on ``data`` when given, else the flags'
+    data set); returns the path of its best checkpoint (or of its last one when no epoch
+    beat 0 %)."""
+    parser = build_parser()
+    flags, given = parser.parse(argv)
+    env = distributed.setup(flags["device"])
+    cfg, teacher_file, run_name = configure(flags, given, env, parser)
     run_dir = os.path.join(cfg.save_root, "student_model", run_name)
     with RunLock(run_dir, env.is_main):  # one process owns the run folder until the run ends
-        return _train(cfg, env, teacher_file, run_name, run_dir)
+        return _train(cfg, env, teacher_file, run_name, run_dir, data)
 
 
 def _train(cfg: Config, env: distributed.DistEnv, teacher_file: TeacherFile, run_name: str,
-           run_dir: str) -> str:
+           run_dir: str, data: Optional[Data]) -> str:
     """The run itself, in the locked run folder ``run_dir``."""
-    data = load_data(cfg, env)
+    data = load_data(cfg, env, data)
     check_data_fits(cfg, data, (cfg.model_s, cfg.model_t))
     teacher = build_teacher(teacher_file.checkpoint, teacher_file.path, cfg.model_t, data.num_classes,
-                            env.device)
+                            env.device, cfg.get("teacher_drop_path", 0.0))
     seed_everything(cfg.seed)
     fmt = memory_format(cfg.channels_last)
     objective = build_objective(cfg, env, data, teacher)
@@ -224,21 +176,20 @@ def _train(cfg: Config, env: distributed.DistEnv, teacher_file: TeacherFile, run
         if env.is_main:
             print(f"teacher {cfg.model_t} ({cfg.path_t}): test acc {teacher_acc['acc1']:.2f}", flush=True)
             print(f"student {cfg.model_s} on {cfg.dataset}, {env.device}, seed {cfg.seed}: {formula}", flush=True)
+            print(f"optimiser: {description(cfg)}", flush=True)
             print(f"run folder {run_dir}", flush=True)
             print(cache_plan.header_line(), flush=True)
             warn_if_plain_training(cfg, objective)
         cached = teacher_cache.teacher_for_run(cache_plan, env, data, teacher, fmt)
-        step = assemble_step(cfg, env, objective, teacher, fmt, cached, os.path.join(run_dir, GRAPH_EVENTS))
-        report_step_mode(cfg, env, step.mode)
-        progress = restore(cfg, env, run_dir, cfg.model_s, step.student, step.optimizer, train_loader,
-                           objective.load_task_state)
-        fresh = progress.epoch == 0 and not os.path.exists(os.path.join(run_dir, "resume.pth"))
+        state = read_resume(cfg, env, run_dir, cfg.model_s)
+        progress = progress_of(state)
         text_log = os.path.join(cfg.save_root, "student_log", run_name + ".txt")
-        trainer = Trainer(cfg, env, step.trainable, step.student, cfg.model_s, step.optimizer,
-                          train_loader, test_loader, run_dir, make_logbook(env, run_dir, progress, text_log),
-                          teacher=step.teacher, task_state=objective.task_state, memory_format=fmt,
-                          step=step.run, step_mode=step.mode)
-        if fresh:
-            run_init_stage(objective.main.init_stage(), step.student, teacher, trainer)
+        trainer = assemble(cfg, env, objective, cfg.model_s, (train_loader, test_loader), run_dir,
+                           make_logbook(env, run_dir, progress, text_log), fmt, teacher=teacher, cached=cached,
+                           events_file=os.path.join(run_dir, GRAPH_EVENTS))
+        if state is not None:
+            trainer.restore(state, objective.load_task_state)
+        else:  # a fresh run: the method's initialisation stage first
+            run_init_stage(objective.main.init_stage(), trainer.model, teacher, trainer)
             objective.freeze_untrained()  # what only the initialisation stage trains is frozen again
         return train_and_report(trainer, progress)

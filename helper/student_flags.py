@@ -12,7 +12,9 @@ import models
 from distiller_zoo import METHODS, Distiller
 from errors import UserError
 from helper import distributed, resume, teacher_cache
-from helper.config import Config, OneLineParser, add_common_arguments, derive_common, parse_with
+from helper.cli import OneLineParser
+from helper.common_flags import add_common_arguments, derive_common
+from helper.config import Config
 from helper.distill import resolve_weights
 
 # Short keys of run names: the seed's ``l`` for TTM's power; ``kdT``, not the seed's ``T``,
@@ -42,6 +44,12 @@ def build_parser() -> OneLineParser:
     group.add_argument("-a", "--alpha", type=float, default=None, help="weight of --add (unset: 0)")
     group.add_argument("-b", "--beta", type=float, default=None,
                        help="weight of --distill (unset: the method's usual weight)")
+    group.add_argument("--teacher_train_mode", action="store_true",
+                       help="run the frozen teacher in train mode (dropout, drop path active), as "
+                            "cls_KD's distiller does; it is still never trained")
+    group.add_argument("--teacher_drop_path", type=float, default=0.0,
+                       help="the teacher's stochastic depth (ViTs), active with --teacher_train_mode "
+                            "(cls_KD's DeiT III-S teacher: 0.05)")
     group.add_argument("--teacher_cache", default="auto", choices=teacher_cache.MODES,
                        help="logit-only methods: look the teacher's logits up in the exact cache "
                             "under <save_root>/cache/ instead of running it. auto: when a valid "
@@ -111,7 +119,7 @@ def resolve_config(flags: Mapping[str, Any], env: distributed.DistEnv, teacher_n
 def parse_config(argv: Sequence[str], env: distributed.DistEnv, teacher_name: str) -> Config:
     """``resolve_config`` of a command line, for a teacher of architecture ``teacher_name``
     that is not read from ``--path_t`` (the benchmark and the tests build their own)."""
-    return resolve_config(vars(parse_with(build_parser(), argv)), env, teacher_name)
+    return resolve_config(build_parser().parse(argv)[0], env, teacher_name)
 
 
 def default_run_name(cfg: Mapping[str, Any]) -> str:

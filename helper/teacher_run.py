@@ -8,37 +8,20 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Sequence
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 import models
+from dataset import Data
 from errors import UserError
-from helper import distributed, resume
-from helper.config import (Config, OneLineParser, add_common_arguments, derive_common, given_flags,
-                           option_names, parse_with)
-from helper.loop import Trainer
-from helper.run import (check_data_fits, closed_on_failure, load_data, make_loaders, make_logbook,
-                        open_run_dir, restore, seed_everything, train_and_report)
+from helper import distributed, optim, resume
+from helper.assemble import ClassifierObjective, assemble
+from helper.cli import OneLineParser
+from helper.common_flags import add_common_arguments, derive_common
+from helper.config import Config
+from helper.data_setup import check_data_fits, closed_on_failure, load_data, make_loaders
+from helper.graph_step import GRAPH_EVENTS
+from helper.run_folder import (make_logbook, open_run_dir, progress_of, read_resume, seed_everything,
+                               train_and_report)
 from helper.run_lock import RunLock
-from helper.graph_step import GRAPH_EVENTS, GraphedStep, append_event, graph_plan, report_step_mode
-from helper.speed import maybe_compile, memory_format
-from helper.step import TrainStep
-
-
-class ClassifierObjective(nn.Module):
-    """Plain cross-entropy training of one network; returns the loop's ``{"loss", "logits",
-    "terms"}`` dict for images ``[B, 3, H, W]`` and labels ``[B]``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
-                epoch: int, teacher_out: Any = None) -> dict[str, Any]:
-        logits = self.model(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        return {"loss": loss, "logits": logits, "terms": {"ce": loss}}
+from helper.speed import memory_format
 
 
 def build_parser() -> OneLineParser:
@@ -66,50 +49,48 @@ def resolve_config(flags: dict[str, Any], env: distributed.DistEnv, drawn_seed: 
     return Config(values)
 
 
-def configure(argv: Optional[Sequence[str]], env: distributed.DistEnv) -> tuple[Config, str]:
+def configure(flags: dict[str, Any], given: set[str], env: distributed.DistEnv,
+              parser: OneLineParser) -> tuple[Config, str]:
     """The configuration (reconciled with the saved run on ``--resume``) and the run folder."""
-    parser = build_parser()
-    flags = vars(parse_with(parser, argv))
     cfg = resolve_config(flags, env)
     run_dir = os.path.join(cfg.save_root, "models", cfg.run_name or run_folder_name(cfg))
-    cfg = resume.reconcile(cfg, flags, given_flags(parser, argv), run_dir,
-                           lambda values, seed: resolve_config(values, env, seed), option_names(parser))
+    cfg = resume.reconcile(cfg, flags, given, run_dir,
+                           lambda values, seed: resolve_config(values, env, seed), parser.option_names())
     return cfg, run_dir
 
 
-def train(argv: Optional[Sequence[str]] = None) -> str:
-    """Trains the network ``argv`` describes; returns the path of its best checkpoint."""
-    env = distributed.setup(parse_with(build_parser(), argv).device)
-    cfg, run_dir = configure(argv, env)
+def train(argv: Optional[Sequence[str]] = None, data: Optional[Data] = None) -> str:
+    """Trains the network ``argv`` describes (on ``data`` when given, else the flags' data
+    set); returns the path of its best checkpoint."""
+    parser = build_parser()
+    flags, given = parser.parse(argv)
+    env = distributed.setup(flags["device"])
+    cfg, run_dir = configure(flags, given, env, parser)
     with RunLock(run_dir, env.is_main):  # one process owns the run folder until the run ends
-        return _train(cfg, env, run_dir)
+        return _train(cfg, env, run_dir, data)
 
 
-def _train(cfg: Config, env: distributed.DistEnv, run_dir: str) -> str:
+def _train(cfg: Config, env: distributed.DistEnv, run_dir: str, data: Optional[Data]) -> str:
     """The run itself, in the locked run folder ``run_dir``."""
-    data = load_data(cfg, env)
+    data = load_data(cfg, env, data)
     check_data_fits(cfg, data, (cfg.model,))
     open_run_dir(cfg, env, run_dir)
     seed_everything(cfg.seed)
     fmt = memory_format(cfg.channels_last)
-    model = models.create_model(cfg.model, data.num_classes).to(env.device, memory_format=fmt)
-    objective = ClassifierObjective(maybe_compile(model, cfg.compile, cfg.compile_mode))
-    distributed.convert_sync_bn(objective, cfg.sync_bn, env)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate,
-                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    train_loader, test_loader = make_loaders(cfg, env, data, fmt)
-    with closed_on_failure(train_loader, test_loader):
+    try:
+        model = models.create_model(cfg.model, data.num_classes, cfg.drop_path)
+    except ValueError as err:
+        raise UserError(f"--drop_path: {err}") from None
+    objective = ClassifierObjective(model.to(env.device, memory_format=fmt), cfg.smoothing)
+    loaders = make_loaders(cfg, env, data, fmt)
+    with closed_on_failure(*loaders):
         if env.is_main:
             print(f"training {cfg.model} on {cfg.dataset} ({data.train_labels.numel()} images) on {env.device}, "
-                  f"lr {cfg.learning_rate}, seed {cfg.seed}, run folder {run_dir}", flush=True)
-        progress = restore(cfg, env, run_dir, cfg.model, model, optimizer, train_loader)
-        graphed, mode = graph_plan(cfg.cuda_graphs, env.device, env.world_size, cfg.compile, objective)
-        report_step_mode(cfg, env, mode)
-        trainable = distributed.wrap(objective, env)
-        eager = TrainStep(trainable, None, optimizer, cfg.precision, fmt, cache_casts=not graphed)
-        run = GraphedStep(eager, objective, batch_size=cfg.batch_size,
-                          on_event=append_event(os.path.join(run_dir, GRAPH_EVENTS))) if graphed else eager
-        trainer = Trainer(cfg, env, trainable, model, cfg.model, optimizer,
-                          train_loader, test_loader, run_dir, make_logbook(env, run_dir, progress),
-                          memory_format=fmt, step=run, step_mode=mode)
+                  f"{optim.description(cfg)}, seed {cfg.seed}, run folder {run_dir}", flush=True)
+        state = read_resume(cfg, env, run_dir, cfg.model)
+        progress = progress_of(state)
+        trainer = assemble(cfg, env, objective, cfg.model, loaders, run_dir, make_logbook(env, run_dir, progress),
+                           fmt, events_file=os.path.join(run_dir, GRAPH_EVENTS))
+        if state is not None:
+            trainer.restore(state, objective.load_task_state)
         return train_and_report(trainer, progress)

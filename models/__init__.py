@@ -76,16 +76,26 @@ def input_size(name: str) -> int:
         raise _unknown(name) from None
 
 
-def create_model(name: str, num_classes: int) -> nn.Module:
+def create_model(name: str, num_classes: int, drop_path_rate: float = 0.0) -> nn.Module:
     """Builds the architecture ``name`` with a ``num_classes``-way classifier.
+
+    Args:
+        drop_path_rate: stochastic depth of the networks that have it (the ViTs); any other
+            network takes only 0.
 
     Raises:
         KeyError: ``name`` is not registered; the message lists the valid names.
+        ValueError: a drop path for a network without one.
     """
     try:
         builder = model_dict[name]
     except KeyError:
         raise _unknown(name) from None
+    if drop_path_rate:
+        try:
+            return builder(num_classes=num_classes, drop_path_rate=drop_path_rate)
+        except TypeError:
+            raise ValueError(f"{name} has no stochastic depth (drop path)") from None
     return builder(num_classes=num_classes)
 
 

@@ -3,7 +3,7 @@
     python -m paper_tables.calibrate_worker --spec DIR/spec.json --index I --first_round R
 
 The step is built as ``train_student.py`` builds it (``helper.student_flags.parse_config``,
-``build_objective``, ``assemble_step``) and driven by ``helper.loop.Trainer.train_epoch``
+``build_objective``, ``helper.assemble.assemble``) and driven by ``helper.loop.Trainer.train_epoch``
 over a few prepared batches of the data set's shape (random pixels, random labels and
 sample indices; the teacher has random weights, which does not change the work done). The
 data loader is left out, and the teacher runs live (a run that finds a teacher-output
@@ -32,7 +32,8 @@ from errors import exit_on_user_error
 from helper import distributed
 from helper.loop import NonFiniteLoss, Trainer
 from helper.speed import memory_format
-from helper.student import assemble_step, build_objective
+from helper.assemble import assemble
+from helper.student import build_objective
 from helper.student_flags import parse_config
 
 GO_TIMEOUT_S = 1800.0  # how long a ready worker waits for the others
@@ -77,12 +78,9 @@ def build_trainer(spec: dict[str, Any], env: distributed.DistEnv, save_root: str
     teacher = models.create_model(cfg.model_t, classes).to(env.device).eval().requires_grad_(False)
     objective = build_objective(cfg, env, data, teacher)
     fmt = memory_format(cfg.channels_last)
-    step = assemble_step(cfg, env, objective, teacher, fmt)
     loader = CycledBatches(synthetic_batches(2, cfg.batch_size, data.image_size, classes, n_train,
                                              env.device, fmt))
-    return Trainer(cfg, env, step.trainable, step.student, cfg.model_s, step.optimizer, loader, (),
-                   save_root, None, teacher=step.teacher, task_state=objective.task_state,
-                   memory_format=fmt, step=getattr(step, "run", None))  # the run's own step object
+    return assemble(cfg, env, objective, cfg.model_s, (loader, ()), save_root, None, fmt, teacher=teacher)
 
 
 def run_steps(trainer: Trainer, steps: int, report: Optional["Progress"] = None, phase: str = "") -> None:

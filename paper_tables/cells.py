@@ -15,23 +15,29 @@ from errors import UserError
 
 TableKey = Union[int, str]
 IMAGENET = "imagenet"
+IMAGENET_TEACHERS = "imagenet-teachers"
+DEIT = "deit"
 TABLES: dict[TableKey, str] = {1: "same-architecture pairs", 2: "different-architecture pairs",
-                               IMAGENET: "ImageNet (ILSVRC-2012)"}
+                               IMAGENET: "ImageNet (ILSVRC-2012)",
+                               IMAGENET_TEACHERS: "ImageNet, ResNet-18 from stronger teachers",
+                               DEIT: "ImageNet, DeiT III-S → DeiT-Ti"}
 DEFAULT_TABLES = (1, 2)  # what runs when neither --table nor --pair says otherwise
 
 
 def table_key(text: str) -> TableKey:
-    """``--table`` as typed → the table's key: ``"1"`` → 1, ``"ImageNet"`` → ``"imagenet"``."""
-    key = text.strip().lower()
+    """``--table`` as typed → the table's key: ``"1"`` → 1, ``"ImageNet"`` → ``"imagenet"``,
+    ``"imagenet_teachers"`` → ``"imagenet-teachers"``, ``"DeiT"`` → ``"deit"``."""
+    key = text.strip().lower().replace("_", "-")
     if key in ("1", "2"):
         return int(key)
-    if key == IMAGENET:
-        return IMAGENET
-    raise argparse.ArgumentTypeError(f"unknown table {text!r}; choose 1, 2 or imagenet")
+    if key in TABLES:
+        return key
+    raise argparse.ArgumentTypeError(f"unknown table {text!r}; choose {', '.join(map(str, TABLES))}")
 
 
 def table_dir(table: TableKey) -> str:
-    """The folder of a table's runs: ``table1``, ``table2``, ``imagenet``."""
+    """The folder of a table's runs: ``table1``, ``table2``, ``imagenet``, ``imagenet-teachers``,
+    ``deit``."""
     return f"table{table}" if isinstance(table, int) else str(table)
 
 
@@ -44,10 +50,9 @@ def student_flags() -> dict[str, str]:
     destination names its flag, and ``r``/``a``/``b`` name ``-r``/``-a``/``-b``. The loss
     terms come first (``--distill --add -r -a -b``), then the rest in the parser's order.
     """
-    from helper.config import option_names  # the parser imports torch: only when needed
     from helper.student_flags import build_parser
 
-    options = option_names(build_parser())
+    options = build_parser().option_names()
     by_key = {dest: flag for dest, flag in options.items()}
     by_key.update({flag.lstrip("-"): flag for flag in options.values() if not flag.startswith("--")})
     first = ["distill", "add", "r", "a", "b"]
@@ -60,7 +65,8 @@ class Cell:
     """One cell of a paper table: a method on a teacher→student pair.
 
     Attributes:
-        table: 1 (same-architecture pairs), 2 (different-architecture pairs) or ``"imagenet"``.
+        table: 1 (same-architecture pairs), 2 (different-architecture pairs), ``"imagenet"``,
+            ``"imagenet-teachers"`` (ResNet-18 from stronger teachers) or ``"deit"``.
         column: the pair's column in that table, 1-based.
         teacher, student: architecture names.
         method: the paper's row name (``"WTTM+CRD"``, ``"KD"``, ``"teacher"``, ...).
@@ -72,6 +78,9 @@ class Cell:
         default: whether the cell is run when no ``--method`` is given.
         dataset: the data set the paper's value was measured on (``cifar100``, ``imagenet``).
         origin: where the paper's value came from, and under which recipe.
+        run_table: the table whose folder holds this cell's trials when another table runs
+            the very same command (the stronger-teacher table's ResNet-34 column is the
+            ImageNet table's); None: its own table.
     """
 
     table: TableKey
@@ -87,6 +96,7 @@ class Cell:
     default: bool = True
     dataset: str = "cifar100"
     origin: str = ""
+    run_table: Optional[TableKey] = None
 
     @property
     def runnable(self) -> bool:
@@ -100,7 +110,8 @@ class Cell:
     def cell_dir(self) -> str:
         """``table1/resnet32x4-resnet8x4/WTTM_plus_CRD`` (``imagenet/resnet34-resnet18/KD``):
         where the cell's trials live."""
-        return f"{table_dir(self.table)}/{self.teacher}-{self.student}/{method_slug(self.method)}"
+        table = self.table if self.run_table is None else self.run_table
+        return f"{table_dir(table)}/{self.teacher}-{self.student}/{method_slug(self.method)}"
 
     def run_name(self, trial: int) -> str:
         return f"{self.cell_dir}/trial_{trial}"
@@ -115,8 +126,11 @@ class Cell:
             values.pop("add", None)  # an -a 0 extra loss is no loss: leave --add out
         out: list[str] = []
         for key, flag in student_flags().items():
-            if values.get(key) is not None:
-                out += [flag, format_value(values[key])]
+            value = values.get(key)
+            if isinstance(value, bool):  # a switch (--teacher_train_mode): named when on
+                out += [flag] if value else []
+            elif value is not None:
+                out += [flag, format_value(value)]
         return out
 
 

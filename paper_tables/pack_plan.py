@@ -68,9 +68,8 @@ def device_of(slot: Slot, environ: Mapping[str, str]) -> tuple[str, Optional[str
 def spec_of(trial: Trial, procs: int, device: str, name: str, mps: bool) -> calibrate.Spec:
     """The calibration spec of a trial's configuration (its argv parsed as train_student.py would)."""
     import torch
-    from helper.config import parse_with
     from helper.student_flags import build_parser
-    f = vars(parse_with(build_parser(), trial.argv))
+    f, _ = build_parser().parse(trial.argv)
     method = f["distill"] + (f"+{f['add']}" if f["add"] != "none" and f["alpha"] else "")
     speed = f"{f['precision']},channels_last={f['channels_last']},compile={f['compile']}:{f['compile_mode']}"
     batch = run_values(trial.argv).batch_size  # the global batch, the data set's default when unset

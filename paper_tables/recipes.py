@@ -4,8 +4,10 @@
 (Table 1: same-architecture pairs, Table 2: different-architecture pairs): teacher, student,
 method, the paper's accuracy and run count, and each hyperparameter with its source. This
 module reads it into :class:`Cell` objects and turns each runnable cell into flags. The
-ImageNet table (``paper_tables/recipes_imagenet.json``) is read by :mod:`paper_tables.recipes_imagenet`;
-:func:`all_cells` returns the three tables together.
+ImageNet tables (``recipes_imagenet.json``, ``recipes_imagenet_teachers.json``, ``recipes_deit.json``)
+are read by :mod:`paper_tables.recipes_imagenet`; ``recipes_cifar_extra.json`` holds opt-in rows
+beyond the paper on the CIFAR-100 tables (ReviewKD, KD++ and CTKD where their official CIFAR-100
+recipe names the pair). :func:`all_cells` returns every table together.
 
 DIST's weights are its official CIFAR-100 config's (``-b 2``, β = γ = 1, τ 4; the recipe
 file cites it). Where the paper is silent we fill the gap and say so in :attr:`Cell.note`
@@ -25,9 +27,10 @@ from typing import Any, Iterable, Sequence
 
 from errors import UserError
 from paper_tables.cells import DEFAULT_TABLES, TABLES, Cell, TableKey, method_key, student_flags
-from paper_tables.recipes_imagenet import load_imagenet_cells
+from paper_tables.recipes_imagenet import checked_values, load_imagenet_tables
 
 RECIPES_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes.json")
+EXTRA_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes_cifar_extra.json")
 WTTM_NO_CE = "WTTM w/o CE"
 
 
@@ -101,9 +104,47 @@ def load_cells(path: str = RECIPES_JSON) -> tuple[Cell, ...]:
     return tuple(cells)
 
 
+@functools.lru_cache(maxsize=4)
+def load_extra_cells(path: str = EXTRA_JSON) -> tuple[Cell, ...]:
+    """The opt-in rows beyond the paper on CIFAR-100 Tables 1 and 2 (no paper value).
+
+    Raises:
+        ValueError: a pair the tables do not have, a key that is not a flag, an unknown source.
+    """
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    paper = {(c.teacher, c.student): c for c in load_cells() if c.method == "teacher"}
+    cells = []
+    for e in data["entries"]:
+        where = f"{e['method']} on {e['teacher']}:{e['student']}"
+        home = paper.get((e["teacher"], e["student"]))
+        if home is None:
+            raise ValueError(f"{where}: not a pair of CIFAR-100 Tables 1 and 2")
+        hp = checked_values(e["hyperparameters"], data["source_tags"], where)
+        cells.append(Cell(home.table, home.column, e["teacher"], e["student"], e["method"], None, None,
+                          default_runs(home.table), tuple(hp.items()), e["note"], default=False,
+                          origin=e["origin"]))
+    return tuple(cells)
+
+
+@functools.lru_cache(maxsize=4)
+def unavailable_methods(path: str = EXTRA_JSON) -> dict[str, str]:
+    """Methods with no row on CIFAR-100 (method key → why), for a one-line refusal."""
+    with open(path, encoding="utf-8") as handle:
+        return {method_key(k): v for k, v in json.load(handle)["unavailable"].items()}
+
+
+def default_runs(table: TableKey) -> int:
+    """A CIFAR-100 table's usual run count (5 in Table 1, 3 in Table 2)."""
+    with open(RECIPES_JSON, encoding="utf-8") as handle:
+        runs = json.load(handle)["runs_averaged"]
+    return int(runs["same_arch" if table == 1 else "different_arch"]["default"])
+
+
 def all_cells() -> tuple[Cell, ...]:
-    """The cells of every table: CIFAR-100 Tables 1 and 2, then the ImageNet table."""
-    return load_cells() + load_imagenet_cells()
+    """The cells of every table: CIFAR-100 Tables 1 and 2 (the paper's rows, then the opt-in
+    rows beyond it), then the ImageNet tables (ImageNet, stronger teachers, DeiT)."""
+    return load_cells() + load_extra_cells() + load_imagenet_tables()
 
 
 def method_names(cells: Iterable[Cell]) -> list[str]:
@@ -123,7 +164,8 @@ def select(cells: Sequence[Cell], tables: Sequence[TableKey] = (), pairs: Sequen
     """The runnable cells matching the filters.
 
     Args:
-        tables: table keys (1, 2, ``"imagenet"``); empty: every table when ``pairs`` names
+        tables: table keys (1, 2, ``"imagenet"``, ``"imagenet-teachers"``, ``"deit"``); empty:
+            every table when ``pairs`` names
             some, else :data:`DEFAULT_TABLES` (the CIFAR-100 tables).
         pairs: ``"teacher:student"`` strings (empty: every pair of the tables).
         methods: paper method names, case and punctuation insensitive (``wttm+crd``);
@@ -147,7 +189,8 @@ def select(cells: Sequence[Cell], tables: Sequence[TableKey] = (), pairs: Sequen
     wanted = []
     for name in methods:
         if method_key(name) not in by_key:
-            raise UserError(f"unknown method {name!r}; choose from {', '.join(by_key.values())}")
+            why = unavailable_methods().get(method_key(name)) if all(isinstance(t, int) for t in tables) else None
+            raise UserError(why or f"unknown method {name!r}; choose from {', '.join(by_key.values())}")
         wanted.append(by_key[method_key(name)])
     if "teacher" in wanted:
         raise UserError("the teacher row is not a distillation run: fetch the teachers "
@@ -157,3 +200,16 @@ def select(cells: Sequence[Cell], tables: Sequence[TableKey] = (), pairs: Sequen
     if quoted:
         raise UserError(f"{quoted[0].method} on {quoted[0].pair} is {quoted[0].note}")
     return [c for c in chosen if c.method in wanted]
+
+
+def add_combinations() -> list[tuple[str, str, float]]:
+    """The ``(--distill, --add, -a)`` combinations the tables run with a non-zero added term
+    (CIFAR-100 and ImageNet), one per pair of method names, sorted."""
+    combos: dict[tuple[str, str], float] = {}
+    for cell in all_cells():
+        if not cell.runnable:
+            continue
+        values = dict(cell.hparams)
+        if values.get("add") not in (None, "none") and values.get("a"):
+            combos.setdefault((values["distill"], values["add"]), float(values["a"]))
+    return sorted((distill, add, alpha) for (distill, add), alpha in combos.items())

@@ -128,11 +128,15 @@ def build_trials(cells: Sequence[Cell], args: argparse.Namespace, passthrough: S
 
 
 def plan_cells(cells: Sequence[Cell], args: argparse.Namespace) -> list[Cell]:
-    """The selected runnable cells (``--table``, ``--pair``, ``--method``)."""
+    """The selected runnable cells (``--table``, ``--pair``, ``--method``), each run folder
+    once (the stronger-teacher table's ResNet-34 cells are the ImageNet table's runs)."""
     chosen = select(cells, args.table, args.pair, [paper_method(m, cells) for m in args.method])
     if not chosen:
         raise UserError("no runnable cell matches the selection")
-    return chosen
+    by_dir: dict[str, Cell] = {}
+    for cell in chosen:
+        by_dir.setdefault(cell.cell_dir, cell)
+    return list(by_dir.values())
 
 
 def paper_method(name: str, cells: Sequence[Cell]) -> str:

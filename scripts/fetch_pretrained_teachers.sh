@@ -6,6 +6,7 @@
 #   bash scripts/fetch_pretrained_teachers.sh --imagenet               # torchvision ResNet-34, ResNet-50
 #   bash scripts/fetch_pretrained_teachers.sh --imagenet resnet18      # any row of the table
 #   bash scripts/fetch_pretrained_teachers.sh --imagenet resnet50=resnet50-11ad3fa6.pth
+#   bash scripts/fetch_pretrained_teachers.sh --deit                   # mmcls's DeiT III-S (DeiT table)
 #
 # CIFAR-100: RepDistiller's teachers (the ones the TTM paper uses) go to
 # <dest>/<arch>_vanilla/ckpt_epoch_240.pth. Each is first asked of the per-file host; the
@@ -22,12 +23,21 @@
 # after the last '-' of its name (a file that fails is deleted); when models.model_dict has the
 # architecture, the file must also load into it (1000 classes).
 #
+# DeiT: the DeiT table's teacher, mmcls's DeiT III-S file of DEIT_TEACHERS
+# (deit3-small-p16_in21k-pre_3rdparty_in1k_20221009-dcd90827.pth, SHA-256 prefix dcd90827), goes
+# to <dest>/deit3_small_patch16_224_imagenet/<file> as downloaded: nothing is converted on disk
+# (train_student.py maps mmcls's keys to ours when it loads the file). It is checked as the
+# ImageNet files are (SHA-256 prefix, then a strict load into deit3_small_patch16_224, 1000
+# classes); ARCH=FILE works as there.
+#
 # Environment:
 #   KD_TEACHER_URL           per-file base (default http://shape2prog.csail.mit.edu/repo, down
 #                            for years); a mirror serves <base>/<arch>_vanilla/ckpt_epoch_240.pth
 #   KD_TEACHER_TAR_URL       the archive (default mdistiller's release asset cifar_teachers.tar)
 #   KD_TEACHER_IMAGENET_URL  base holding torchvision's file names (default
 #                            https://download.pytorch.org/models)
+#   KD_TEACHER_DEIT_URL      base holding mmcls's DeiT file names (default
+#                            https://download.openmmlab.com/mmclassification/v0/deit3)
 #   KD_TEACHER_DIR           destination root (default save/models; relative to the repository)
 #   PYTHON                   interpreter for the checks (default .venv/bin/python, else python3)
 #
@@ -45,6 +55,7 @@ BASE="${KD_TEACHER_URL:-http://shape2prog.csail.mit.edu/repo}"
 BASE="${BASE%/}"
 TAR_URL="${KD_TEACHER_TAR_URL:-https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar}"
 IMAGENET_BASE="${KD_TEACHER_IMAGENET_URL:-}"
+DEIT_BASE="${KD_TEACHER_DEIT_URL:-}"
 DEST="${KD_TEACHER_DIR:-save/models}"
 ALL=(wrn_40_2 resnet56 resnet110 resnet32x4 vgg13 ResNet50)
 ATTEMPTS=3          # per file; only a transfer that broke off or a 408/429/5xx answer is retried
@@ -57,11 +68,13 @@ else PY=python3; fi
 usage() {
   echo "usage: $0 [$(IFS='|'; echo "${ALL[*]}") ...]" >&2
   echo "       $0 --imagenet [ARCH[=FILE] ...]   (default: the paper's ResNet-34 and ResNet-50)" >&2
+  echo "       $0 --deit [ARCH[=FILE] ...]       (default: mmcls's DeiT III-S, the DeiT table's teacher)" >&2
   exit 2
 }
 MODE=cifar
 case "${1:-}" in
   --imagenet) MODE=imagenet; shift ;;
+  --deit) MODE=deit; shift ;;
   -h|--help) sed -n '2,/^set -u/p' "scripts/$(basename "$0")" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
   -*) echo "error: unknown option '$1'" >&2; usage ;;
 esac
@@ -325,7 +338,7 @@ fetch_imagenet() {
       return 1
     else
       rm -f "$part"
-      echo "error: $arch: download failed from $url (set KD_TEACHER_IMAGENET_URL to a mirror holding $name)" >&2
+      echo "error: $arch: download failed from $url (set $MIRROR_VAR to a mirror holding $name)" >&2
       return 1
     fi
   fi
@@ -340,12 +353,17 @@ fetch_imagenet() {
   load_check "$arch" "$file" "$registered"
 }
 
+# fetch_imagenet_all [--deit] ARCH...: torchvision's files, or with --deit mmcls's DeiT files.
+MIRROR_VAR=KD_TEACHER_IMAGENET_URL
 fetch_imagenet_all() {
-  local table rc base=() rows=() row arch name url registered
-  [ -n "$IMAGENET_BASE" ] && base=(--base "$IMAGENET_BASE")
-  table=$("$PY" -m teacher_zoo.fetch imagenet-files ${base[@]+"${base[@]}"} "$@"); rc=$?
+  local table rc base=() kind=() rows=() row arch name url registered mirror=$IMAGENET_BASE label=ImageNet
+  if [ "${1:-}" = --deit ]; then
+    shift; kind=(--deit); mirror=$DEIT_BASE; MIRROR_VAR=KD_TEACHER_DEIT_URL; label=DeiT
+  fi
+  [ -n "$mirror" ] && base=(--base "$mirror")
+  table=$("$PY" -m teacher_zoo.fetch imagenet-files ${kind[@]+"${kind[@]}"} ${base[@]+"${base[@]}"} "$@"); rc=$?
   [ $rc -eq 2 ] && usage
-  [ $rc -eq 0 ] || { echo "error: could not read the ImageNet teacher table ($PY)" >&2; exit 1; }
+  [ $rc -eq 0 ] || { echo "error: could not read the $label teacher table ($PY)" >&2; exit 1; }
   while IFS= read -r row; do [ -n "$row" ] && rows+=("$row"); done <<<"$table"
   archs=()
   for row in "${rows[@]}"; do
@@ -357,6 +375,8 @@ fetch_imagenet_all() {
 
 if [ "$MODE" = cifar ]; then
   fetch_cifar "${archs[@]}"
+elif [ "$MODE" = deit ]; then
+  fetch_imagenet_all --deit ${archs[@]+"${archs[@]}"}
 else
   fetch_imagenet_all ${archs[@]+"${archs[@]}"}
 fi

@@ -6,9 +6,12 @@
     python scripts/reproduce.py --table 1 --gpus 0,1,2,3 --jobs-per-gpu auto --estimate
     python scripts/reproduce.py --table imagenet --data_folder /data/ILSVRC2012 --gpus_per_run 8
     python scripts/reproduce.py --table imagenet --data_folder DIR --slurm --slurm_nodes 2 --slurm_gpus 8
+    python scripts/reproduce.py --table imagenet-teachers --data_folder DIR --gpus_per_run 8
+    python scripts/reproduce.py --table deit --data_folder DIR --gpus_per_run 8
+    python scripts/reproduce.py --table 1 --methods ReviewKD,KD++,CTKD    # opt-in rows beyond the paper
     python scripts/reproduce.py --pair resnet56:resnet20 --method KD -- --dataset digits --epochs 1
 
-Trial k of a cell runs in ``<save_root>/student_model/<table1|table2|imagenet>/<teacher>-
+Trial k of a cell runs in ``<save_root>/student_model/<table1|table2|imagenet|imagenet-teachers|deit>/<teacher>-
 <student>/<method>/trial_<k>/``. A trial with ``summary.json`` is finished and skipped; any
 other is started with ``--resume``, which continues from its ``resume.pth`` (or starts
 fresh). A lock file in the trial folder keeps a second runner, or a queued SLURM job, from
@@ -51,15 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Arguments after -- are passed to every train_student.py command; a --device among "
                "them is refused for local runs, whose devices --gpus decides.")
     sel = p.add_argument_group("what to run")
-    sel.add_argument("--table", type=table_key, action="append", default=[], metavar="{1,2,imagenet}",
+    sel.add_argument("--table", type=table_key, action="append", default=[],
+                     metavar="{1,2,imagenet,imagenet-teachers,deit}",
                      help="1: CIFAR-100 same-architecture pairs, 2: different-architecture pairs, imagenet: "
-                          "the ImageNet table (repeatable; default 1 and 2, or the tables of --pair)")
+                          "the ImageNet table (twelve columns), imagenet-teachers: ResNet-18 from ResNet-34/50/"
+                          "101/152, deit: DeiT III-S -> DeiT-Ti (repeatable; default 1 and 2, or the tables "
+                          "of --pair)")
     sel.add_argument("--pair", action="append", default=[], metavar="TEACHER:STUDENT",
                      help="only this pair (repeatable), e.g. resnet32x4:resnet8x4 or resnet34:resnet18")
     sel.add_argument("--method", action="append", default=[], metavar="NAME",
                      help="only this method (repeatable), case-insensitive: a paper name (KD, WTTM, "
                           "WTTM+CRD, FitNet, ...) or train_student.py's --distill[+--add] spelling "
-                          "(wttm, crd+wttm, hint, ...); opt-in rows: student, 'WTTM w/o CE'")
+                          "(wttm, crd+wttm, hint, ...); opt-in rows: student, 'WTTM w/o CE', and on CIFAR-100 "
+                          "the rows beyond the paper ReviewKD, KD++, CTKD")
+    sel.add_argument("--methods", action="append", default=[], metavar="NAME,NAME,...",
+                     help="the same as --method, several at once, comma-separated (e.g. ReviewKD,KD++,CTKD)")
     sel.add_argument("--trials", type=int, default=None,
                      help="trials per cell (default: the paper's run count for the cell; 1 on ImageNet)")
     where = p.add_argument_group("where")
@@ -68,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "calibrations to <save_root>/calibration (default %(default)s)")
     where.add_argument("--teacher_root", default=os.path.join("save", "models"),
                        help="teachers are <teacher_root>/<arch>_vanilla/ckpt_epoch_240.pth (CIFAR-100) and "
-                            "<teacher_root>/<arch>_imagenet/<torchvision file> (default %(default)s)")
+                            "<teacher_root>/<arch>_imagenet/<published file> (ImageNet: torchvision's ResNets, "
+                            "mmcls's DeiT III-S; default %(default)s)")
     where.add_argument("--data_folder", default=None,
                        help="passed on as train_student.py's --data_folder (needed by the ImageNet table: "
                             "the ILSVRC-2012 folder with train/ and val/)")
@@ -174,7 +184,8 @@ def check_inputs(todo: Sequence[Trial], args: argparse.Namespace) -> None:
     problems = []
     if missing:
         problems.append(f"missing teacher checkpoint(s): {', '.join(missing)}; run bash "
-                        "scripts/fetch_pretrained_teachers.sh (--imagenet for the ImageNet teachers) "
+                        "scripts/fetch_pretrained_teachers.sh (--imagenet [ARCH ...] for the ImageNet "
+                        "ResNets, --deit for the DeiT III-S teacher) "
                         "or scripts/train_all_teachers.sh")
     data = missing_data_folder(todo)
     if data:
@@ -224,6 +235,7 @@ def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     own, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own)
+    args.method += [name.strip() for names in args.methods for name in names.split(",") if name.strip()]
     check_args(args, passthrough)
     no_slots = args.slurm or (args.dry_run and args.gpus is None and not args.estimate
                               and args.jobs_per_gpu != packing.AUTO)

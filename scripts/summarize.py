@@ -2,13 +2,14 @@
 
     python scripts/summarize.py [--save_root save/reproduce] [--table 1] [--no_plots]
     python scripts/summarize.py --table imagenet     # the ImageNet table
+    python scripts/summarize.py --paper --table imagenet   # the paper's table and sources, no runs
     python scripts/summarize.py --save_root save     # train_student.py's own runs
 
 Reads the run folders under ``<save_root>/student_model/``. The trial folders that
-``scripts/reproduce.py`` writes (``table<T>/`` or ``imagenet/``, then
-``<teacher>-<student>/<method>/trial_<k>``) fill, for each table, methods as rows and
-teacher→student pairs as columns (rows this project cannot run, ReviewKD on ImageNet,
-carry the paper's value only); each cell gives the
+``scripts/reproduce.py`` writes (``table<T>/``, ``imagenet/``, ``imagenet-teachers/`` or
+``deit/``, then ``<teacher>-<student>/<method>/trial_<k>``) fill, for each table, methods as
+rows and teacher→student pairs as columns (the ImageNet tables show every column of the
+paper, run or not; rows with no public code, KD-Zero, are reported only); each cell gives the
 mean ± std over finished trials of the best-epoch test top-1 and of the last-epoch test
 top-1, the number of trials, the paper's value and our difference from it. Every other run
 folder (``train_student.py``'s own run names) is grouped with the runs whose ``config.json``
@@ -31,9 +32,10 @@ from typing import Optional, Sequence
 
 
 from errors import UserError, exit_on_user_error
-from paper_tables.cells import IMAGENET, TABLES, Cell, table_key
+from paper_tables.cells import TABLES, Cell, table_key
 from paper_tables.recipes import all_cells, method_names, pairs_of
-from paper_tables.recipes_imagenet import imagenet_notes
+from paper_tables.paper_view import paper_report
+from paper_tables.recipes_imagenet import table_notes
 from paper_tables.report_format import markdown, plain, plot_curves, write_csv
 from paper_tables.run_groups import (RunGroup, TrialResult, TrialStats, group_runs, method_label,
                                read_trial, run_folders, varying_keys)
@@ -93,10 +95,13 @@ def collect(save_root: str, tables: Sequence[object]) -> list[CellResult]:
 
 
 def table_name(table: object, short: bool = False) -> str:
-    """``Table 1: same-architecture pairs`` (``Table 1``), ``ImageNet (ILSVRC-2012)`` (``ImageNet``)."""
+    """``Table 1: same-architecture pairs`` (``Table 1``), ``ImageNet (ILSVRC-2012)`` (``ImageNet``,
+    ``ImageNet teachers``, ``DeiT``)."""
     if isinstance(table, int):
         return f"Table {table}" if short else f"Table {table}: {TABLES[table]}"
-    return "ImageNet" if short else TABLES[table]
+    if short:
+        return {"imagenet": "ImageNet", "imagenet-teachers": "ImageNet teachers", "deit": "DeiT"}.get(str(table), str(table))
+    return TABLES[table]
 
 
 def _fmt(mean: Optional[float], std: Optional[float], diff: Optional[float]) -> str:
@@ -123,20 +128,24 @@ def _lines(result: Optional[CellResult]) -> list[str]:
 
 def grid(results: list[CellResult], table: object) -> tuple[list[str], list[list[str]]]:
     """The paper-layout table: header and rows (method, stat, one column per pair); a row
-    this project cannot run shows the paper's values only (stat ``quoted``)."""
+    this project cannot run shows the paper's values only (stat ``reported``). The ImageNet
+    tables (one run per cell) show every pair and default row of the paper, run or not."""
     mine = [r for r in results if r.cell.table == table]
     cells = [c for c in all_cells() if c.table == table]
-    pairs = [(t, s) for tab, t, s in pairs_of(r.cell for r in mine) if tab == table]
     by_key = {(r.cell.method, r.cell.teacher, r.cell.student): r for r in mine}
+    shown = [r.cell for r in mine]
+    if not isinstance(table, int):
+        shown = [c for c in cells if c.runnable and (c.default or (c.method, c.teacher, c.student) in by_key)]
+    pairs = [(t, s) for tab, t, s in pairs_of(shown) if tab == table]
     paper = {(c.method, c.teacher, c.student): _paper(c) for c in cells}
     header = ["method", "stat"] + [f"{t}→{s}" for t, s in pairs]
     rows = [["teacher", "paper"] + [paper[("teacher", t, s)] for t, s in pairs]]
-    for method in method_names(r.cell for r in mine):
+    for method in method_names(shown):
         columns = [_lines(by_key.get((method, t, s))) + [paper.get((method, t, s), "")] for t, s in pairs]
         for i, stat in enumerate(("best", "last", "n", "paper")):
             rows.append([method if i == 0 else "", stat] + [col[i] for col in columns])
     for method in method_names(c for c in cells if not c.runnable and c.method != "teacher"):
-        rows.append([method, "quoted"] + [paper.get((method, t, s), "") for t, s in pairs])
+        rows.append([method, "reported"] + [paper.get((method, t, s), "") for t, s in pairs])
     return header, rows
 
 
@@ -158,7 +167,7 @@ def origin_notes(results: list[CellResult]) -> list[str]:
     columns = {(r.cell.table, r.cell.teacher, r.cell.student) for r in results}
     methods = {(r.cell.table, r.cell.method) for r in results}
     cells = [c for c in all_cells() if (c.table, c.teacher, c.student) in columns and c.origin and
-             ((c.table, c.method) in methods or not c.runnable)]
+             ((c.table, c.method) in methods or not c.runnable or (not isinstance(c.table, int) and c.default))]
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.table, c.method, c.origin), []).append(c)
@@ -250,8 +259,8 @@ def _table_sections(results: list[CellResult], out: str, plots: bool) -> tuple[l
               and c.table in {r.cell.table for r in results}}
     extra += [f"{method}: {note}" for method, note in quoted.items()]
     extra += origin_notes(results)
-    if IMAGENET in {r.cell.table for r in results}:
-        extra += list(imagenet_notes())
+    for table in sorted({r.cell.table for r in results if not isinstance(r.cell.table, int)}, key=str):
+        extra += list(table_notes(table))
     if extra:
         md += ["Notes:\n"] + [f"- {n}" for n in extra] + [""]
         text += ["Notes:"] + [f"  {n}" for n in extra] + [""]
@@ -288,6 +297,15 @@ def write_report(results: list[CellResult], groups: Sequence[RunGroup], root: st
     return "\n".join(text).rstrip()
 
 
+def print_paper(tables: Sequence[object]) -> None:
+    """The paper's tables with each cell's source (``--paper``)."""
+    for table in tables:
+        header, rows, lines = paper_report(table)
+        print(f"{table_name(table)}: the paper's top-1 (%)")
+        print(plain(header, rows, wrap=WRAP))
+        print("Sources:\n" + "\n".join(f"  {line}" for line in lines) + "\n")
+
+
 @exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description="Summarise runs: the paper tables' cells next to the paper's "
@@ -295,12 +313,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--save_root", default=os.path.join("save", "reproduce"),
                    help="the --save_root the runs were made with (default save/reproduce, reproduce.py's; "
                         "train_student.py's own runs: save)")
-    p.add_argument("--table", type=table_key, action="append", default=[], metavar="{1,2,imagenet}",
+    p.add_argument("--table", type=table_key, action="append", default=[],
+                   metavar="{1,2,imagenet,imagenet-teachers,deit}",
                    help="only this paper table (repeatable; other runs are then left out)")
+    p.add_argument("--paper", action="store_true",
+                   help="print the paper's values of the tables (default: every table) with each cell's "
+                        "source and how it is reproduced here; reads no runs")
     p.add_argument("--out", default=None, help="report folder (default <save_root>/report)")
     p.add_argument("--no_plots", "--no-plots", dest="no_plots", action="store_true",
                    help="skip the PNG curves")
     args = p.parse_args(argv)
+    if args.paper:
+        print_paper(args.table or list(TABLES))
+        return 0
     root = os.path.join(args.save_root, "student_model")
     results = collect(args.save_root, args.table)
     groups, skipped = [], []

@@ -1,9 +1,10 @@
-"""The published teachers (CIFAR-100, ImageNet): where they live, whether a file is one, how good it is.
+"""The published teachers (CIFAR-100, ImageNet, DeiT): where they live, whether a file is one, how good it is.
 
     python -m teacher_zoo check PATH --arch ARCH [--num_classes 100]
     python -m teacher_zoo list [--root save/models]
     python -m teacher_zoo verify [ARCH ...] [--root save/models] [--device auto]
     python -m teacher_zoo verify --imagenet --data_folder DIR [ARCH ...] [--workers N]
+    python -m teacher_zoo verify --deit --data_folder DIR [--workers N]
 
 ``check`` loads a file with ``weights_only=True`` into the architecture (keys and shapes
 must match exactly); it exits 0 when the file is a valid checkpoint, 3 when it is not (the
@@ -13,7 +14,11 @@ present and valid: the CIFAR-100 ones, and torchvision's ImageNet files of
 scores each present teacher on the test set and flags any that is more than
 ``--tolerance`` points from the published top-1 (exit 1 when one is flagged); with
 ``--imagenet`` (short for ``--dataset imagenet``) it scores the ImageNet files on the val
-split of the ILSVRC-2012 folder ``--data_folder`` against torchvision's top-1.
+split of the ILSVRC-2012 folder ``--data_folder`` against torchvision's top-1. ``--deit``
+scores the DeiT table's teacher (mmcls's DeiT III-S file, ``<root>/<arch>_imagenet/<file>``) on
+that split twice, both bicubic: as mmcls does (shorter side 224, centre crop 224: mmcls lists
+83.06) and as the student is evaluated (256 -> 224: the table's 82.76), rows ``ARCH`` and
+``ARCH@256``; ``--expected`` takes either name.
 """
 from __future__ import annotations
 
@@ -26,11 +31,12 @@ import models
 from dataset import load_dataset
 from errors import UserError, exit_on_user_error
 from helper.distributed import resolve_device
-from helper.run import default_workers
+from helper.data_setup import default_workers
 from teacher_zoo.fetch import sha256_matches
-from teacher_zoo.files import InvalidCheckpoint, load_teacher_file, score, stored_accuracy, teacher_path
-from teacher_zoo.published import (EXIT_INVALID, IMAGENET_TEACHERS, PAPER_IMAGENET_TOP1, PUBLISHED_TOP1,
-                                   TEACHER_ROOT, imagenet_teacher_path, teacher_checkpoint)
+from teacher_zoo.files import (DEIT_EVALS, TORCHVISION_EVAL, InvalidCheckpoint, deit_expected,
+                               load_teacher_file, score, stored_accuracy, teacher_path)
+from teacher_zoo.published import (DEIT_TEACHERS, EXIT_INVALID, IMAGENET_TEACHERS, PAPER_IMAGENET_TOP1,
+                                   PUBLISHED_TOP1, TEACHER_ROOT, imagenet_teacher_path, teacher_checkpoint)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -58,7 +64,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             except InvalidCheckpoint as err:
                 status = f"INVALID ({err})"
         print(f"{arch:<11} {top1:>9.2f}  {status:<8} {path}")
-    for arch, row in IMAGENET_TEACHERS.items():
+    for arch, row in {**IMAGENET_TEACHERS, **DEIT_TEACHERS}.items():
         path = imagenet_teacher_path(args.root, arch)
         status = _imagenet_status(path, arch) if os.path.exists(path) else "missing"
         print(f"{arch:<11} {row.top1:>9.3f}  {status:<8} {path}")
@@ -78,9 +84,13 @@ def _imagenet_status(path: str, arch: str) -> str:
     return "valid"
 
 
-def _expected_table(pairs: Sequence[str], imagenet: bool) -> dict[str, float]:
-    table = ({a: row.top1 for a, row in IMAGENET_TEACHERS.items()} if imagenet
-             else dict(PUBLISHED_TOP1))
+def _expected_table(pairs: Sequence[str], imagenet: bool, deit: bool = False) -> dict[str, float]:
+    if deit:
+        table = deit_expected()
+    elif imagenet:
+        table = {a: row.top1 for a, row in IMAGENET_TEACHERS.items()}
+    else:
+        table = dict(PUBLISHED_TOP1)
     for item in pairs:
         arch, sep, value = item.partition("=")
         try:
@@ -92,46 +102,65 @@ def _expected_table(pairs: Sequence[str], imagenet: bool) -> dict[str, float]:
     return table
 
 
+def _fetch_hint(imagenet: bool, deit: bool) -> str:
+    return "bash scripts/fetch_pretrained_teachers.sh" + (" --deit" if deit else " --imagenet" if imagenet else "")
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         raise UserError("--batch_size must be positive and --workers 0 or more")
-    imagenet = args.dataset == "imagenet"
-    expected = _expected_table(args.expected, imagenet)
-    archs = args.archs or list(IMAGENET_TEACHERS if imagenet else PUBLISHED_TOP1)
-    unknown = [a for a in archs if a not in expected]
+    deit = args.deit
+    imagenet = deit or args.dataset == "imagenet"
+    expected = _expected_table(args.expected, imagenet, deit)
+    pipelines = DEIT_EVALS if deit else (TORCHVISION_EVAL,)
+    archs = args.archs or list(DEIT_TEACHERS if deit else IMAGENET_TEACHERS if imagenet else PUBLISHED_TOP1)
+    unknown = [a + p.suffix for a in archs for p in pipelines if a + p.suffix not in expected]
     if unknown:
         raise UserError(f"no expected accuracy for {unknown[0]}; pass --expected {unknown[0]}=ACC")
     paths = {arch: teacher_path(args.root, arch, imagenet) for arch in archs}
-    present = [a for a in archs if os.path.isfile(paths[a])]
-    if not present:
-        raise UserError(f"no {'ImageNet ' if imagenet else ''}teacher checkpoints under {args.root}; run "
-                        f"bash scripts/fetch_pretrained_teachers.sh{' --imagenet' if imagenet else ''}")
+    if not any(os.path.isfile(path) for path in paths.values()):
+        raise UserError(f"no {'DeiT ' if deit else 'ImageNet ' if imagenet else ''}teacher checkpoints "
+                        f"under {args.root}; run {_fetch_hint(imagenet, deit)}")
     device = resolve_device(args.device)
-    data = load_dataset(args.dataset, args.data_folder, download=True)
+    data = load_dataset("imagenet" if deit else args.dataset, args.data_folder, download=True)
     workers = default_workers() if args.workers is None else args.workers
+    width = max([11] + [len(a + p.suffix) for a in archs for p in pipelines])
+    if deit:
+        for p in pipelines:
+            print(f"{'ARCH' + p.suffix}: {p.note}")
+    print(f"{'arch':<{width}} {'measured':>8} {'expected':>8} {'diff':>6}  verdict")
     flagged = 0
-    print(f"{'arch':<11} {'measured':>8} {'expected':>8} {'diff':>6}  verdict")
     for arch in archs:
-        if arch not in present:
-            print(f"{arch:<11} {'-':>8} {expected[arch]:>8.2f} {'-':>6}  missing ({paths[arch]})")
+        names = [arch + p.suffix for p in pipelines]
+        if not os.path.isfile(paths[arch]):
+            for name in names:
+                print(f"{name:<{width}} {'-':>8} {expected[name]:>8.2f} {'-':>6}  missing ({paths[arch]})")
             continue
         try:
             model, _ = load_teacher_file(paths[arch], arch, data.num_classes)
         except InvalidCheckpoint as err:
-            print(f"{arch:<11} {'-':>8} {expected[arch]:>8.2f} {'-':>6}  FLAG: {err}")
+            print(f"{arch:<{width}} {'-':>8} {expected[names[0]]:>8.2f} {'-':>6}  FLAG: {err}")
             flagged += 1
             continue
-        acc = score(model, data, device, args.batch_size, workers, args.decode)
-        diff = acc - expected[arch]
-        bad = abs(diff) > args.tolerance
-        flagged += bad
-        verdict = f"FLAG: more than {args.tolerance} points off" if bad else "ok"
-        if imagenet and arch in PAPER_IMAGENET_TOP1:
-            verdict += f" (the paper quotes {PAPER_IMAGENET_TOP1[arch]:.2f})"
-        print(f"{arch:<11} {acc:>8.2f} {expected[arch]:>8.2f} {diff:>+6.2f}  {verdict}", flush=True)
+        for name, pipeline in zip(names, pipelines):
+            acc = score(model, data, device, args.batch_size, workers, args.decode, pipeline)
+            paper = PAPER_IMAGENET_TOP1.get(arch) if imagenet and not deit else None
+            flagged += _report(name, acc, expected[name], args.tolerance, width, paper)
     if flagged:
         print(f"{flagged} teacher(s) flagged", file=sys.stderr)
     return 1 if flagged else 0
+
+
+def _report(name: str, acc: float, expected: float, tolerance: float, width: int,
+            paper: Optional[float]) -> bool:
+    """Prints one verify row; True when it is flagged."""
+    diff = acc - expected
+    bad = abs(diff) > tolerance
+    verdict = f"FLAG: more than {tolerance} points off" if bad else "ok"
+    if paper is not None:
+        verdict += f" (the paper quotes {paper:.2f})"
+    print(f"{name:<{width}} {acc:>8.2f} {expected:>8.2f} {diff:>+6.2f}  {verdict}", flush=True)
+    return bad
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--dataset", default="cifar100", help="cifar100, digits or imagenet")
     verify.add_argument("--imagenet", dest="dataset", action="store_const", const="imagenet",
                         help="short for --dataset imagenet: torchvision's files, ILSVRC-2012 val")
+    verify.add_argument("--deit", action="store_true",
+                        help="the DeiT table's teacher (mmcls's DeiT III-S) on ILSVRC-2012 val, twice: "
+                             "224 bicubic crop 1.0 (ARCH, mmcls's 83.06) and 256 -> 224 bicubic "
+                             "(ARCH@256, the table's 82.76)")
     verify.add_argument("--data_folder", default="./data",
                         help="CIFAR-100 archive folder, or the ImageNet folder (train/, val/)")
     verify.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -159,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ImageNet: where JPEGs are decoded (as train_student.py)")
     verify.add_argument("--tolerance", type=float, default=0.3, help="allowed |measured - expected|")
     verify.add_argument("--expected", action="append", default=[], metavar="ARCH=ACC",
-                        help="expected top-1 instead of the published one (repeatable)")
+                        help="expected top-1 instead of the published one (repeatable; with --deit "
+                             "ARCH or ARCH@256)")
     for p in (listing, verify):
         p.add_argument("--root", default=TEACHER_ROOT,
                        help="teacher folder: <root>/<arch>_vanilla/ckpt_epoch_240.pth, "

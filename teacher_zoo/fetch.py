@@ -4,6 +4,7 @@ SHA-256 prefix checks and the ImageNet file list.
     python -m teacher_zoo.fetch extract-cifar TAR STAGING ARCH [ARCH ...]
     python -m teacher_zoo.fetch sha256 PATH
     python -m teacher_zoo.fetch imagenet-files [ARCH | ARCH=FILE ...] [--base URL]
+    python -m teacher_zoo.fetch imagenet-files --deit [ARCH | ARCH=FILE ...] [--base URL]
 
 ``extract-cifar`` copies, for each ARCH, the one member
 ``cifar_teachers/<ARCH>_vanilla/ckpt_epoch_240.pth`` of mdistiller's ``cifar_teachers.tar`` to
@@ -15,7 +16,8 @@ the hex digits its name carries (torchvision's ``<name>-<hex>.pth`` convention),
 ``imagenet-files`` prints one tab-separated line per requested ImageNet teacher:
 ``arch, file name, URL, registered`` (``yes`` when ``models.model_dict`` has the arch, so
 that the script can run ``python -m teacher_zoo check`` on it); without arguments it
-lists the paper's teachers of ``teacher_zoo.published.IMAGENET_TEACHERS``. ``ARCH=FILE`` fetches a
+lists the paper's teachers of ``teacher_zoo.published.IMAGENET_TEACHERS``; with ``--deit``, the
+DeiT table's mmcls files of ``DEIT_TEACHERS`` (under ``DEIT_URL``). ``ARCH=FILE`` fetches a
 file the table does not name (another torchvision release, or, in tests, a file whose name
 carries its own hash) into ``<ARCH>_imagenet/FILE``.
 
@@ -34,12 +36,12 @@ from typing import NamedTuple, Optional, Sequence
 import models
 from errors import UserError, exit_on_user_error
 from helper.checkpoint import file_sha256, new_file_mode
-from teacher_zoo.published import EXIT_INVALID, IMAGENET_TEACHERS, IMAGENET_URL
+from teacher_zoo.published import DEIT_TEACHERS, DEIT_URL, EXIT_INVALID, IMAGENET_TEACHERS, IMAGENET_URL
 
 ARCHIVE_FOLDER = "cifar_teachers"
-# torchvision's (and torch.hub's) convention: the hex digits between the last '-' and the
-# extension are the start of the file's SHA-256.
-_HASHED_NAME = re.compile(r"[A-Za-z0-9_.]+-([0-9a-f]{8,64})\.[A-Za-z0-9]+")
+# torchvision's (and torch.hub's, and OpenMMLab's) convention: the hex digits between the last
+# '-' and the extension are the start of the file's SHA-256.
+_HASHED_NAME = re.compile(r"[A-Za-z0-9_.-]+-([0-9a-f]{8,64})\.[A-Za-z0-9]+")
 _ARCH_NAME = re.compile(r"[A-Za-z0-9]+")
 
 
@@ -164,31 +166,42 @@ class ImagenetFile(NamedTuple):
     registered: bool
 
 
-def resolve_imagenet(specs: Sequence[str], base: Optional[str] = None) -> list[ImagenetFile]:
-    """Turns the script's ``--imagenet`` arguments into files to fetch.
+def _arch_ok(arch: str) -> bool:
+    """Whether ``train_student.py`` reads ``arch`` back from the folder ``<arch>_imagenet``: a
+    registered model (the longest registered prefix wins), or letters and digits only."""
+    return bool(_ARCH_NAME.fullmatch(arch)) or arch in models.model_dict
+
+
+def resolve_imagenet(specs: Sequence[str], base: Optional[str] = None,
+                     deit: bool = False) -> list[ImagenetFile]:
+    """Turns the script's ``--imagenet`` (or ``--deit``) arguments into files to fetch.
 
     Args:
-        specs: ``ARCH`` (a row of ``IMAGENET_TEACHERS``) or ``ARCH=FILE``; empty: the paper's
-            teachers (rows marked ``teacher``).
-        base: URL the files are under (default: the table's, torchvision's server).
+        specs: ``ARCH`` (a row of ``IMAGENET_TEACHERS``, or of ``DEIT_TEACHERS`` with ``deit``)
+            or ``ARCH=FILE``; empty: the table's teachers (rows marked ``teacher``).
+        base: URL the files are under (default: the table's: torchvision's server, or
+            OpenMMLab's for ``deit``).
+        deit: use the DeiT table (mmcls's DeiT III-S) instead of torchvision's.
 
     Raises:
         UserError: unknown ARCH without a file, a FILE without a SHA-256 prefix, or an ARCH
             that ``train_student.py`` could not read back from ``<ARCH>_imagenet``.
     """
-    base = (base or IMAGENET_URL).rstrip("/") + "/"
-    specs = list(specs) or [arch for arch, row in IMAGENET_TEACHERS.items() if row.teacher]
+    table, kind = (DEIT_TEACHERS, "DeiT") if deit else (IMAGENET_TEACHERS, "ImageNet")
+    base = (base or (DEIT_URL if deit else IMAGENET_URL)).rstrip("/") + "/"
+    specs = list(specs) or [arch for arch, row in table.items() if row.teacher]
     files = []
     for spec in specs:
         arch, sep, file = spec.partition("=")
-        if not _ARCH_NAME.fullmatch(arch):
-            raise UserError(f"ImageNet teacher name {arch!r} must be letters and digits only "
-                            "(train_student.py reads it back from the folder <arch>_imagenet)")
+        if not _arch_ok(arch):
+            raise UserError(f"{kind} teacher name {arch!r} must be letters and digits only, or a "
+                            "registered model (train_student.py reads it back from the folder "
+                            "<arch>_imagenet)")
         if not sep:
-            if arch not in IMAGENET_TEACHERS:
-                raise UserError(f"unknown ImageNet teacher {arch!r}; choose from "
-                                f"{', '.join(IMAGENET_TEACHERS)} or give ARCH=FILE")
-            file = IMAGENET_TEACHERS[arch].file
+            if arch not in table:
+                raise UserError(f"unknown {kind} teacher {arch!r}; choose from "
+                                f"{', '.join(table)} or give ARCH=FILE")
+            file = table[arch].file
         if "/" in file or not file:
             raise UserError(f"{spec!r}: FILE must be a bare file name under the base URL")
         try:
@@ -229,7 +242,7 @@ def _cmd_sha256(args: argparse.Namespace) -> int:
 
 
 def _cmd_imagenet_files(args: argparse.Namespace) -> int:
-    for row in resolve_imagenet(args.specs, args.base):
+    for row in resolve_imagenet(args.specs, args.base, args.deit):
         print("\t".join((row.arch, row.file, row.url, "yes" if row.registered else "no")))
     return 0
 
@@ -248,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     files = sub.add_parser("imagenet-files", help="arch, file, URL, registered of ImageNet teachers")
     files.add_argument("specs", nargs="*", metavar="ARCH[=FILE]")
     files.add_argument("--base", default=None, help="base URL holding the files (a mirror)")
+    files.add_argument("--deit", action="store_true",
+                       help="the DeiT table (mmcls's DeiT III-S) instead of torchvision's files")
     return parser
 
 

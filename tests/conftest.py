@@ -13,12 +13,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def small_digits(monkeypatch, one_thread):
-    """``--dataset digits`` loads the shrunk set of ``tests/train_utils.py`` (in-process runs),
-    on one thread (modules opt in with ``pytestmark``)."""
-    from train_utils import install_small_digits
-
-    install_small_digits(monkeypatch)

@@ -1,12 +1,12 @@
 """``scripts/benchmark.py`` (the ``scripts/bench`` package) in its ``--quick`` CPU configuration.
 
 One quick run as a script (shared by the tests below) writes ``benchmark.json`` (valid, every
-section filled, the ImageNet rows and the whole-table sections included: epoch split, teacher
-cache, packed runs, projected cost) and ``benchmark.md`` (every section, the same text it
-prints, labelled a smoke run); its step rows carry the command line and the configuration
-``helper.student_flags.parse_config`` gives for it. Under a time budget the benchmark lists
-what it skipped instead of running over. The cost projection's arithmetic is checked on a given table
-of rates. No speed is asserted.
+section filled: data, CRD, steps, epoch, the whole-table sections (epoch split, teacher cache,
+packed runs, projected cost), ImageNet and DeiT) and ``benchmark.md`` (every section, the same
+text it prints, labelled a smoke run); its step rows carry the command line and the
+configuration ``helper.student_flags.parse_config`` gives for it. Under a time budget the
+benchmark lists what it skipped instead of running over. The cost projection's arithmetic is
+checked on a given table of rates. No speed is asserted.
 """
 from __future__ import annotations
 
@@ -25,12 +25,13 @@ from train_utils import REPO, subprocess_env
 from helper import distributed
 from helper.speed import CompiledOrEager
 from helper.student_flags import parse_config
-from scripts.bench import cli, cost, measure_split, plan, timing
-from scripts.bench.targets import SMOKE
+from scripts.bench import cli, cost, deit, epoch, step, timing
+from scripts.bench.report import SMOKE
 
 SECTIONS = ("# Benchmark on ", "## Targets", "## Data pipeline", "## CRD negatives",
             "## Training step", "## Whole epoch", "## Epoch split", "## Teacher-output cache", "## Packed runs",
-            "## Projected cost of Tables 1 and 2", "## ImageNet data pipeline", "## ImageNet training step")
+            "## Projected cost of Tables 1 and 2", "## ImageNet data pipeline", "## ImageNet training step",
+            "## DeiT augmentation", "## DeiT training loader", "## DeiT-S → DeiT-Ti training step")
 
 
 def positive(stats: dict) -> bool:
@@ -83,8 +84,9 @@ def test_quick_report_says_smoke_run_and_judges_nothing(quick):
     head, targets = markdown.split("## Targets", 1)
     assert SMOKE in head
     bullets = [line for line in targets.split("\n## ")[0].splitlines() if line.startswith("- ")]
-    # CIFAR loader, CRD, epoch, loader share, flagship (live, cache), packing, cache, tables, ImageNet x3
-    assert len(bullets) >= 13
+    # CIFAR loader, CRD, epoch, loader share; flagship (live, cache), packing, cache, tables; ImageNet loader
+    # (workers, GPU), step, 100 epochs; DeiT augmentation, loader (workers, GPU), 300 epochs
+    assert len(bullets) == 17
     for line in bullets:
         assert line.endswith(f" — {SMOKE}"), line
         assert "met" not in line.replace("not a measurement", "") and "target" not in line, line
@@ -107,13 +109,13 @@ def test_quick_imagenet_rows(quick):
     # teacher forward + student forward/backward of two 224-pixel images: ~3.6 GFLOP per image pass
     assert 25e9 < step["flops_per_step"] < 33e9
     assert step["images_per_s"] == pytest.approx(2e3 / step["ms_per_step"]["median"])
-    assert "| resnet18:resnet18 | fp32 |" in markdown and "unavailable: no CUDA/torchvision" in markdown
+    assert "| resnet18:resnet18 | wttm | fp32 | 2 |" in markdown and "unavailable: no CUDA/torchvision" in markdown
 
 
 def test_step_rows_record_what_parse_config_gives(quick):
     _, result, _ = quick
     env = distributed.DistEnv(0, 1, 0, torch.device("cpu"))
-    for row in (result["steps"][0], result["imagenet"]["steps"][0]):
+    for row in (result["steps"][0], result["imagenet"]["steps"][0], result["deit"]["steps"][0]):
         cfg = parse_config(row["argv"], env, row["pair"].split(":")[0])
         assert json.loads(json.dumps(dict(cfg), default=str)) == row["config"]
     imagenet = result["imagenet"]["steps"][0]["config"]
@@ -152,7 +154,9 @@ def test_bad_section_or_setting_is_one_line(capsys, tmp_path):
                          (["--imagenet_settings", "fp16"], "bad setting 'fp16'"),
                          (["--imagenet_workers", "2,x"], "--imagenet_workers"),
                          (["--packing_ks", "1,0"], "--packing_ks must be a comma list of positive integers"),
-                         (["--settings", "fp32+compile+eager"], "bad setting 'fp32+compile+eager'")):
+                         (["--settings", "fp32+compile+graph"], "bad setting 'fp32+compile+graph'"),
+                         (["--deit_settings", "fp32+nhwc"], "bad setting 'fp32+nhwc'"),
+                         (["--deit_methods", "vitkd+nkd,kd"], "unknown --deit_methods kd")):
         with pytest.raises(SystemExit) as stop:
             main(["--quick", "--device", "cpu", "--out", str(tmp_path), *flags])
         assert stop.value.code == 2
@@ -170,7 +174,7 @@ def test_settings_and_priorities():
         with pytest.raises(ValueError):
             timing.Setting.parse(bad)
     head, other = "resnet32x4:resnet8x4", "vgg13:vgg8"
-    order = lambda pair, method, name: plan.priority(pair, method, timing.Setting.parse(name), head)  # noqa: E731
+    order = lambda pair, method, name: step.priority(pair, method, timing.Setting.parse(name), head)  # noqa: E731
     # headline eager first, then what the epoch section needs, then the rest
     assert order(head, "crd", "bf16") < order(head, "wttm", "bf16+cl+compile") < order(other, "kd", "fp32")
     assert order(other, "kd", "fp32") < order(other, "kd", "bf16") < order(other, "kd", "fp32+compile")
@@ -195,10 +199,10 @@ def test_compiled_property_reports_the_eager_fallback(monkeypatch):
 
 def test_quick_whole_table_sections(quick):
     _, result, markdown = quick
-    assert [r["setting"] for r in result["split"]] == ["fp32", "fp32+eager"]
+    assert [r["setting"] for r in result["split"]] == ["fp32", "fp32+graph"]  # eager (the default) vs graphs
     for row in result["split"]:
         assert row["step_mode"].startswith("eager") and row["steps_per_epoch"] == 1 and row["epochs"] == 1
-        assert ("--cuda_graphs" in row["argv"]) == row["setting"].endswith("+eager")
+        assert ("--cuda_graphs" in row["argv"]) == row["setting"].endswith("+graph")  # the CPU stays eager
         assert 0 < row["in_step_s"] < row["epoch_s"] and row["loop_s"] > 0 and row["checkpoint_s"] > 0
         assert row["in_step_s"] + row["loop_s"] + row["checkpoint_s"] == pytest.approx(row["epoch_s"])
         assert row["full_epoch_s"] == pytest.approx(row["full_in_step_s"] + row["full_outside_s"])
@@ -221,7 +225,7 @@ def test_quick_whole_table_sections(quick):
     assert sorted(tables["teachers"]) == ["ResNet50", "resnet110", "resnet32x4", "resnet56", "vgg13", "wrn_40_2"]
     assert costs["flagship"]["live_min"] == pytest.approx(result["split"][0]["projected_240_s"] / 60)
     assert 0 < tables["device_hours"] and tables["live_alone_hours"] > 0
-    assert "| fp32+eager | eager |" in markdown and "reused: resnet8:resnet8" in markdown
+    assert "| fp32+graph | eager |" in markdown and "reused: resnet8:resnet8" in markdown
 
 
 def test_cost_projection_arithmetic():
@@ -261,11 +265,11 @@ def test_rate_source_prefers_the_pair_then_its_networks():
 
 
 def test_split_figures_and_full_epoch():
-    figures = measure_split.split_figures(12.0, [5.0, 5.0], [3.0, 5.0], 20)  # two epochs: wall 6 s each
+    figures = epoch.split_figures(12.0, [5.0, 5.0], [3.0, 5.0], 20)  # two epochs: wall 6 s each
     assert figures == pytest.approx({"epoch_s": 6.0, "in_step_s": 4.0, "loop_s": 1.0, "checkpoint_s": 1.0,
                                      "outside_s": 2.0, "in_step_share": 4 / 6, "ms_per_step": 400.0})
     row = {**figures, "train_images": 5000, "first_epoch_s": 9.0}
-    full = measure_split.full_epoch(row)
+    full = epoch.full_epoch(row)
     assert full["full_in_step_s"] == pytest.approx(782 * 0.4)
     assert full["full_outside_s"] == pytest.approx(1.0 * 10 + 1.0)  # the loop scales with the images
     assert full["projected_240_s"] == pytest.approx(240 * (782 * 0.4 + 11.0) + 3.0)
@@ -275,22 +279,59 @@ def test_whole_table_sections_skip_under_the_budget(tmp_path):
     result = cli.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--budget_s", "0.001",
                        "--sections", "split,cache,packing,cost"])
     assert result["split"] == result["cache"] == result["packing"] == [] and result["cost"] is None
-    assert result["skipped"] == ["epoch split fp32 (time budget)", "epoch split fp32+eager (time budget)",
+    assert result["skipped"] == ["epoch split fp32 (time budget)", "epoch split fp32+graph (time budget)",
                                  "teacher cache resnet8:resnet8 wttm (time budget)",
                                  "packing resnet8:resnet8 wttm (time budget)",
                                  "cost projection (no step time was measured)"]
     assert "Nothing to project" in (tmp_path / "benchmark.md").read_text()
 
 
-def test_eager_setting_is_cuda_graphs_off():
-    setting = timing.Setting.parse("bf16+cl+eager")
-    assert setting.name == "bf16+cl+eager" and setting.flags()[-2:] == ["--cuda_graphs", "off"]
-    assert "--cuda_graphs" not in timing.Setting.parse("fp32").flags()
-    for bad in ("fp32+compile+eager", "fp32+cg+eager"):
+def test_graph_setting_is_cuda_graphs_on():
+    setting = timing.Setting.parse("bf16+cl+graph")
+    assert setting.name == "bf16+cl+graph" and setting.flags()[-2:] == ["--cuda_graphs", "on"]
+    assert "--cuda_graphs" not in timing.Setting.parse("fp32").flags()  # the plain point is the eager default
+    assert timing.Setting.parse("fp32+eager").flags()[-2:] == ["--cuda_graphs", "off"]  # old command lines
+    for bad in ("fp32+compile+graph", "fp32+cg+graph", "fp32+graph+eager", "fp32+cl+cl"):
         with pytest.raises(ValueError):
             timing.Setting.parse(bad)
     head = "resnet32x4:resnet8x4"
-    eager = plan.priority(head, "wttm", timing.Setting.parse("fp32+eager"), head)
-    assert eager == plan.priority(head, "wttm", timing.Setting.parse("bf16+cl+compile"), head) == 1
-    assert plan.priority("vgg13:vgg8", "kd", timing.Setting.parse("fp32+eager"), head) > \
-        plan.priority("vgg13:vgg8", "kd", timing.Setting.parse("fp32"), head)
+    graph = step.priority(head, "wttm", timing.Setting.parse("fp32+graph"), head)
+    assert graph == step.priority(head, "wttm", timing.Setting.parse("bf16+cl+compile"), head) == 1
+    assert step.priority("vgg13:vgg8", "kd", timing.Setting.parse("fp32+graph"), head) > \
+        step.priority("vgg13:vgg8", "kd", timing.Setting.parse("fp32"), head)
+    assert cli.GRAPHED == ("fp32+graph", "bf16+cl+graph") and not any("eager" in s for s in cli.PLAIN + cli.COMPILED)
+
+
+def test_quick_deit_rows(quick):
+    _, result, markdown = quick
+    section = result["deit"]
+    ours, ref = section["augment"]
+    assert ours["pipeline"] == "ours: batched tensor ops on cpu" and ref["pipeline"].startswith("reference-style: PIL")
+    assert (ours["images"], ref["images"], ref["workers"]) == (4, 4, 1)
+    assert all(r["images_per_s"] > 0 and positive(r["s_per_pass"]) for r in section["augment"])
+    workers, gpu = section["loader"]
+    assert workers["pipeline"].endswith("+ RandAugment + erasing")
+    assert (workers["images"], workers["skipped"]) == (8, 0)
+    assert gpu["unavailable"] == "unavailable: no CUDA/torchvision"
+
+    (row,) = section["steps"]
+    assert (row["pair"], row["method"], row["setting"], row["batch"], row["image_size"]) == \
+        (deit.DEIT_PAIR, "vitkd+nkd", "fp32", 2, 224)
+    assert positive(row["ms_per_step"]) and math.isfinite(row["loss"])
+    assert (row["config"]["distill"], row["config"]["add"], row["config"]["model_t"]) == \
+        ("vitkd", "nkd", "deit_small_patch16_224")
+    # DeiT-S forward (~4.6 GMAC) + DeiT-Ti forward/backward (3 x ~1.3 GMAC) per image, x2 FLOP/MAC, 2 images
+    assert 30e9 < row["flops_per_step"] < 45e9
+    assert row["projected_300_epochs_h"] == pytest.approx(300 * 1_281_167 / row["images_per_s"] / 3600)
+    known, missing = deit.recipe_flags()
+    assert row["argv"][4:4 + len(known)] == known and row["recipe_flags_unknown"] == missing
+    assert "| vitkd+nkd | fp32 | 2 |" in markdown and "1252 steps of 1024" in markdown
+
+
+def test_deit_section_skips_under_the_budget(tmp_path):
+    result = cli.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--budget_s", "0.001",
+                       "--sections", "deit", "--deit_methods", "wttm,vitkd+nkd", "--deit_settings", "fp32,bf16"])
+    assert result["deit"] == {"augment": [], "loader": [], "steps": []} and result["errors"] == []
+    assert result["skipped"] == ["deit augmentation (time budget)", "deit loader (time budget)"] + \
+        [f"deit step {m} {s} (time budget)" for m in ("wttm", "vitkd+nkd") for s in ("fp32", "bf16")]
+    assert "## DeiT-S → DeiT-Ti training step" in (tmp_path / "benchmark.md").read_text()

@@ -7,16 +7,18 @@ import math
 
 import pytest
 
-from helper.config import (DEFAULT_LR, LIGHT_LR, Config, default_learning_rate, derive_common,
-                           learning_rate_at, parse_decay_epochs)
+from helper.common_flags import DEFAULT_LR, LIGHT_LR, default_learning_rate, derive_common, parse_decay_epochs
+from helper.config import Config
+from helper.logbook import write_json
+from helper.optim import LRSchedule
 from errors import UserError
 
 from helper.teacher_run import build_parser
 
 
 def derive(tmp_path, *flags: str, model: str = "resnet8") -> dict:
-    args = build_parser().parse_args(["--save_root", str(tmp_path / "save"), *flags])
-    return derive_common(vars(args), model)
+    values, _ = build_parser().parse(["--save_root", str(tmp_path / "save"), *flags])
+    return derive_common(values, model)
 
 
 # ---- --lr_decay_epochs ---------------------------------------------------------------------
@@ -53,7 +55,7 @@ def test_default_learning_rate(model, lr):
 ])
 def test_learning_rate_schedule_of_the_reference(epoch, factor):
     cfg = Config({"learning_rate": 0.05, "lr_decay_rate": 0.1, "lr_decay_epochs": [150, 180, 210]})
-    assert learning_rate_at(cfg, epoch) == pytest.approx(0.05 * factor, rel=1e-12)
+    assert LRSchedule.from_config(cfg).at(epoch) == pytest.approx(0.05 * factor, rel=1e-12)
 
 
 def test_derived_learning_rate_defaults_and_overrides(tmp_path):
@@ -75,7 +77,7 @@ def test_linear_lr_scaling(tmp_path, batch, expected):
 def test_schedule_uses_the_scaled_rate(tmp_path):
     cfg = Config(derive(tmp_path, "--lr_scale", "linear", "--batch_size", "128",
                         "--lr_decay_epochs", "2,4", "--lr_decay_rate", "0.5"))
-    assert [learning_rate_at(cfg, e) for e in (1, 2, 3, 4, 5)] == pytest.approx(
+    assert [LRSchedule.from_config(cfg).at(e) for e in (1, 2, 3, 4, 5)] == pytest.approx(
         [0.1, 0.1, 0.05, 0.05, 0.025])
 
 
@@ -179,8 +181,8 @@ def test_config_replace_returns_a_new_config():
 
 def test_config_json_round_trip(tmp_path):
     cfg = Config(derive(tmp_path, "--seed", "5", "--lr_decay_epochs", "3,6"))
-    loaded = json.loads(cfg.to_json())
-    assert loaded == json.loads(json.dumps(dict(cfg)))
+    write_json(str(tmp_path / "config.json"), dict(cfg))
+    loaded = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
     assert loaded["seed"] == 5 and loaded["lr_decay_epochs"] == [3, 6]
     assert math.isclose(loaded["learning_rate"], 0.05)
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import models
 from train_utils import (REPO, digits_teacher, launcher_command, load, only_run_dir, read_metrics,
-                         small_loader, subprocess_env)
+                         small_data, subprocess_env)
 
 N_TRAIN, N_TEST = 160, 50
 GLOBAL_BATCH, RANKS, SEED = 64, 2, 1
@@ -120,7 +120,7 @@ def test_teacher_two_ranks_match_one(tmp_path, one_thread):
     row = check_logged_once(stdout, run_dir)
     saved = load(run_dir / "resnet8_last.pth")["model"]
 
-    data = small_loader(N_TRAIN, N_TEST)("digits", "./data")
+    data = small_data(["--dataset", "digits"], N_TRAIN, N_TEST)
     assert len(data.loaders(GLOBAL_BATCH, 500, SEED)[0]) == STEPS  # the single process's steps
     model, train_loss = ddp_steps_in_one_process(data)
     expected = model.state_dict()
@@ -139,7 +139,7 @@ def test_teacher_two_ranks_match_one(tmp_path, one_thread):
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> str:
-    return digits_teacher(tmp_path_factory, pytest.MonkeyPatch)
+    return digits_teacher(tmp_path_factory)
 
 
 def test_student_two_ranks_log_once_and_share_crd_memory(teacher, tmp_path):

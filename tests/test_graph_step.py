@@ -23,7 +23,8 @@ from helper import distributed
 from helper.graph_capture import CudaGraphs, StateSnapshot, max_relative_error
 from helper.graph_step import GraphedStep, append_event, graph_plan, step_record
 from helper.step import unpack
-from helper.student import assemble_step, build_objective
+from helper.assemble import assemble_step
+from helper.student import build_objective
 from helper.student_flags import parse_config
 
 ENV = distributed.DistEnv(0, 1, 0, torch.device("cpu"))

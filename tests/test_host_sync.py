@@ -3,7 +3,7 @@
 Every registered method (and every ``--distill``/``--add`` combination of the paper tables'
 recipe files) runs one eager training step, built as ``train_student.py`` builds it, under a
 dispatch mode that refuses the ops a CUDA stream would have to wait on the host for
-(``scripts/acceptance/host_sync.py``). A method the graph plan would capture
+(``helper/host_sync.py``). A method the graph plan would capture
 (``graph_safe``) must pass; one that cannot is kept eager by the plan, which names it.
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ from distiller_zoo import METHODS
 from distiller_zoo.pkt import PKT
 from distiller_zoo.rkd import RKDLoss
 from helper.graph_step import graph_plan
-from scripts.acceptance.host_sync import (Case, HostSyncError, RefuseHostSync, build_case, recipe_cases,
-                                          screen_step)
+from helper.host_sync import Case, HostSyncError, RefuseHostSync, build_case, screen_step
+from paper_tables.recipes import add_combinations
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
-CASES = [Case(name) for name in METHODS.names()] + recipe_cases()
+CASES = [Case(name) for name in METHODS.names()] + [Case(*combo) for combo in add_combinations()]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -39,7 +39,7 @@ def test_every_capturable_step_runs_without_the_host(tmp_path, case):
 
 
 def test_the_recipes_combinations_are_screened():
-    names = {c.name for c in recipe_cases()}
+    names = {Case(*combo).name for combo in add_combinations()}
     assert {"crd+wttm", "itrd+wttm"} <= names
 
 

@@ -24,6 +24,7 @@ from helper import distributed
 from helper.config import Config
 from helper.distill import DistillObjective
 from helper.teacher_cache import class_means as cm
+from train_utils import run_student
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -281,24 +282,23 @@ def test_ctkd_temperature_joins_the_optimiser_and_the_resume_state(tmp_path):
 @pytest.fixture(scope="module")
 def digits_teacher_path(tmp_path_factory) -> str:
     from train_utils import digits_teacher
-    return digits_teacher(tmp_path_factory, pytest.MonkeyPatch)
+    return digits_teacher(tmp_path_factory)
 
 
-def test_ctkd_run_trains_theta_and_resumes_it(digits_teacher_path, tmp_path, small_digits):
+def test_ctkd_run_trains_theta_and_resumes_it(digits_teacher_path, tmp_path, one_thread):
     import json
 
-    import train_student
     from train_utils import load, only_run_dir
 
     argv = ["--path_t", digits_teacher_path, "--model_s", "resnet8", "--dataset", "digits",
             "--batch_size", "32", "--seed", "1", "--save_root", str(tmp_path), "--device", "cpu",
             "--distill", "kd", "--add", "kd", "-r", "0.1", "-a", "0.9", "-b", "0", "--ctkd", "global"]
-    train_student.main([*argv, "--epochs", "1"])
+    run_student([*argv, "--epochs", "1"])
     run_dir = only_run_dir(tmp_path / "student_model")
     config = json.loads((run_dir / "config.json").read_text())
     assert config["ctkd"] == "global" and config["ctkd_cosine_epochs"] == 10 and "ctkd" in run_dir.name
     theta1 = load(run_dir / "resume.pth")["task_state"]["add"]["ctkd.global_t.global_T"]
     assert theta1.shape == (1,) and float(theta1) != 1.0  # lambda(1) < 0: it moved
-    train_student.main([*argv, "--epochs", "2", "--resume"])
+    run_student([*argv, "--epochs", "2", "--resume"])
     theta2 = load(run_dir / "resume.pth")["task_state"]["add"]["ctkd.global_t.global_T"]
     assert float(theta2) != float(theta1)

@@ -25,8 +25,12 @@ from models import create_model, feature_shapes, model_names
 
 DATA = Path(__file__).parent / "data"
 LAYOUTS = json.loads((DATA / "imagenet_layouts.json").read_text())["models"]
-CIFAR = sorted(json.loads((DATA / "golden_public.json").read_text())["models"])
+GOLDEN = json.loads((DATA / "golden_public.json").read_text())["models"]
+CIFAR = sorted(n for n, rec in GOLDEN.items() if rec.get("num_classes", 100) == 100)
+VITS = sorted(n for n, rec in GOLDEN.items() if rec.get("num_classes", 100) == 1000)
+STRONGER = ["resnet101", "resnet152"]  # the stronger teachers (torchvision's layout, as resnet50's)
 NAMES = sorted(LAYOUTS)
+ALL_224 = sorted([*LAYOUTS, *VITS, *STRONGER])  # every network for 224-pixel images
 RESNET_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
 # Stage widths (stem first) and the depthwise strides of mdistiller's MobileNetV1.
 WIDTHS = {"resnet18": (64, 64, 128, 256, 512), "resnet34": (64, 64, 128, 256, 512),
@@ -112,17 +116,31 @@ def reference_mobilenet(sd, x):
 
 # ---------------------------------------------------------------- registry
 def test_registry_knows_each_models_input_size():
-    assert set(models.model_dict) == set(CIFAR) | set(NAMES)
-    assert model_names(input_size=224) == NAMES
+    assert set(models.model_dict) == set(CIFAR) | set(ALL_224)
+    assert model_names(input_size=224) == ALL_224
     assert model_names(input_size=32) == CIFAR
-    assert model_names() == sorted(CIFAR + NAMES)
+    assert model_names() == sorted(CIFAR + ALL_224)
     for name in models.model_dict:
-        assert models.input_size(name) == (224 if name in LAYOUTS else 32), name
+        assert models.input_size(name) == (224 if name in ALL_224 else 32), name
 
 
 def test_input_size_of_unknown_model_lists_choices():
-    with pytest.raises(KeyError, match="unknown model 'resnet101'; choose from .*mobilenet_v1"):
-        models.input_size("resnet101")
+    with pytest.raises(KeyError, match="unknown model 'resnet200'; choose from .*mobilenet_v1"):
+        models.input_size("resnet200")
+
+
+@pytest.mark.parametrize("name, blocks, params", [("resnet101", (3, 4, 23, 3), 44_549_160),
+                                                  ("resnet152", (3, 8, 36, 3), 60_192_808)])
+def test_stronger_teachers_have_torchvisions_layout(name, blocks, params):
+    """resnet101/152: torchvision's parameter counts, and resnet50's key scheme with more
+    bottlenecks in the stages (torchvision's ``layer3.22.conv3.weight``...)."""
+    model = create_model(name, 1000)
+    assert sum(p.numel() for p in model.parameters()) == params
+    keys = model.state_dict().keys()
+    for stage, count in enumerate(blocks, start=1):
+        assert f"layer{stage}.{count - 1}.conv3.weight" in keys and f"layer{stage}.{count}.conv1.weight" not in keys
+    r50 = {k for k in create_model("resnet50", 1000).state_dict() if not k.startswith("layer")}
+    assert r50 == {k for k in keys if not k.startswith("layer")}
 
 
 def test_num_classes_is_honoured():

@@ -19,11 +19,13 @@ from train_utils import load_script
 
 reproduce, summarize = load_script("reproduce"), load_script("summarize")
 R34, R50 = "resnet34:resnet18", "resnet50:mobilenet_v1"
-PAPER = {  # the official README's ImageNet table (teacher, student, KD, CRD, ReviewKD, ITRD, DKD, DIST, WTTM)
-    R34: [73.31, 69.76, 70.66, 71.17, 71.61, 71.68, 71.70, 72.07, 72.19],
-    R50: [76.16, 68.87, 70.50, 71.37, 72.56, None, 72.05, 73.24, 73.09],
+PAPER = {  # the official README's ImageNet table: teacher, student, then its twelve columns
+    R34: [73.31, 69.76, 70.66, 71.17, 71.73, 71.61, 71.68, 71.70, 72.07, 71.98, 71.96, 71.51, 72.17, 72.19],
+    R50: [76.16, 68.87, 70.50, 71.37, 72.49, 72.56, None, 72.05, 73.24, 72.77, 72.58, None, 73.02, 73.09],
 }
-ROWS = ["teacher", "student", "KD", "CRD", "ReviewKD", "ITRD", "DKD", "DIST", "WTTM"]
+ROWS = ["teacher", "student", "KD", "CRD", "SRRL", "ReviewKD", "ITRD", "DKD", "DIST", "KD++", "NKD", "CTKD",
+        "KD-Zero", "WTTM"]
+RUNS = ["KD", "CRD", "SRRL", "ReviewKD", "ITRD", "DKD", "DIST", "KD++", "NKD", "CTKD", "WTTM"]
 RECIPE = ("--dataset imagenet --batch_size 256 --epochs 100 --learning_rate 0.1 --lr_decay_epochs 30,60,90 "
           "--lr_decay_rate 0.1 --weight_decay 0.0001 --momentum 0.9")
 
@@ -39,11 +41,15 @@ def _pairs(flags: list[str]) -> dict[str, str]:
 
 def test_the_table_is_the_papers():
     cells = _cells()
-    assert len(cells) == 18 and all(c.table == "imagenet" and c.dataset == "imagenet" for c in cells.values())
+    assert len(cells) == 28 and all(c.table == "imagenet" and c.dataset == "imagenet" for c in cells.values())
     for pair, values in PAPER.items():
         assert [cells[(pair, row)].paper for row in ROWS] == values
-    assert {m for (p, m), c in cells.items() if c.default} == {"KD", "CRD", "ITRD", "DKD", "DIST", "WTTM"}
-    assert not cells[(R50, "ITRD")].default and "no paper value" in cells[(R50, "ITRD")].note
+    assert {m for (p, m), c in cells.items() if c.default} == set(RUNS)
+    for method in ("ITRD", "CTKD"):  # n/a in the paper: opt-in
+        assert not cells[(R50, method)].default and "no paper value" in cells[(R50, method)].note
+    for pair in (R34, R50):  # no public code: the paper's value only
+        zero = cells[(pair, "KD-Zero")]
+        assert not zero.runnable and "no public code" in zero.note and "README only" in zero.note
     assert all(c.runs == 1 for c in cells.values())
     assert [c.column for c in (cells[(R34, "KD")], cells[(R50, "KD")])] == [1, 2]
 
@@ -60,6 +66,16 @@ def test_the_table_is_the_papers():
     (R50, "CRD", "--distill crd -r 1 -a 0 -b 0.8 --feat_dim 128 --mode exact --nce_k 16384 --nce_t 0.07 --nce_m 0.5"),
     (R34, "ITRD", "--distill itrd -r 1 -a 0 -b 1 --lambda_corr 2 --lambda_mutual 1 --alpha_it 1.01"),
     (R34, "student", "--distill kd -r 1 -a 0 -b 0"),
+    (R34, "SRRL", "--distill srrl -r 1 -a 0 -b 1 --srrl_w 1"),
+    (R50, "SRRL", "--distill srrl -r 1 -a 0 -b 1 --srrl_w 1"),
+    (R34, "ReviewKD", "--distill reviewkd -r 1 -a 0 -b 1 --reviewkd_warmup 1"),
+    (R50, "ReviewKD", "--distill reviewkd -r 1 -a 0 -b 8 --reviewkd_warmup 1"),
+    (R34, "KD++", "--distill kdpp -r 1 -a 0 -b 1 --kdpp_kd 2.5 --kdpp_nd 1 --kdpp_T 1 --kdpp_warmup 5"),
+    (R50, "KD++", "--distill kdpp -r 1 -a 0 -b 1 --kdpp_kd 4 --kdpp_nd 1 --kdpp_T 1 --kdpp_warmup 5"),
+    (R34, "NKD", "--distill nkd -r 1 -a 0 -b 1 --nkd_T 1 --nkd_gamma 1.5"),
+    (R50, "NKD", "--distill nkd -r 1 -a 0 -b 1 --nkd_T 1 --nkd_gamma 1.5 --clip_grad 5"),
+    (R34, "CTKD", "--distill dkd -r 1 -a 0 -b 1 --ctkd global --ctkd_t_start 1 --ctkd_t_end 20 "
+                  "--ctkd_cosine_epochs 5 --dkd_alpha 1 --dkd_beta 1 --dkd_warmup 0"),
 ])
 def test_cell_flags_are_the_sources_values_under_one_recipe(pair, method, expected):
     cell = _cells()[(pair, method)]
@@ -69,6 +85,7 @@ def test_cell_flags_are_the_sources_values_under_one_recipe(pair, method, expect
     assert flags["--model_t"] == pair.split(":")[0]  # torchvision's files carry no architecture
     if method in ("KD", "student"):
         assert ("--add" in flags) == (method == "KD")
+    assert ("--clip_grad" in flags) == ((pair, method) == (R50, "NKD"))  # only cls_KD's MobileNet config clips
 
 
 def test_every_value_names_a_known_source_and_every_key_is_a_flag(tmp_path):
@@ -76,7 +93,7 @@ def test_every_value_names_a_known_source_and_every_key_is_a_flag(tmp_path):
         data = json.load(handle)
     tags = set(data["source_tags"])
     specs = list(data["recipe"].values()) + [s for e in data["entries"] for s in e["hyperparameters"].values()]
-    assert len(specs) > 80 and all(s["source"] in tags for s in specs)
+    assert len(specs) > 140 and all(s["source"] in tags for s in specs)
     assert {e["top1_source"] for e in data["entries"]} <= tags
     for change, message in ((lambda d: d["entries"][2]["hyperparameters"]["kd_T"].update(source="blog"),
                              "cites unknown source 'blog'"),
@@ -110,14 +127,22 @@ def test_the_dry_run_has_the_default_cells_with_imagenet_teachers_and_data(capsy
     cmds, text = _dry_run(capsys, "--table", "imagenet", "--data_folder", "/data/ilsvrc",
                           "--teacher_root", str(tmp_path), "--save_root", str(tmp_path / "rep"))
     runs = {c[c.index("--run_name") + 1]: c for c in cmds}
-    assert sorted(runs) == sorted(f"imagenet/{p.replace(':', '-')}/{m}/trial_1" for p, m in
-                                  [(R34, m) for m in ("KD", "CRD", "ITRD", "DKD", "DIST", "WTTM")] +
-                                  [(R50, m) for m in ("KD", "CRD", "DKD", "DIST", "WTTM")])
+    slug = {"KD++": "KD_plus_plus"}
+    assert sorted(runs) == sorted(f"imagenet/{p.replace(':', '-')}/{slug.get(m, m)}/trial_1" for p, m in
+                                  [(R34, m) for m in RUNS] +
+                                  [(R50, m) for m in RUNS if m not in ("ITRD", "CTKD")])
     wttm = runs["imagenet/resnet34-resnet18/WTTM/trial_1"]
     assert wttm[wttm.index("--path_t") + 1] == str(tmp_path / "resnet34_imagenet" / "resnet34-b627a593.pth")
     assert wttm[wttm.index("--data_folder") + 1] == "/data/ilsvrc" and wttm[1].endswith("train_student.py")
     assert "missing teacher checkpoint(s)" in text and "resnet50-0676ba61.pth" in text
     assert "our choice" in text  # DKD's batch and ITRD's weights are marked
+    for note in ("KD_SRRL trains with batch 512 and lr 0.2", "Nesterov", "mmcls's teachers (73.62 / 76.55)",
+                 "CTKD trained 120 epochs with its own ResNet-34 teacher (73.96); we run it with torchvision's "
+                 "teacher and the table's 100 epochs"):
+        assert note in text
+    parser = __import__("helper.student_flags", fromlist=["build_parser"]).build_parser()
+    for cmd in runs.values():  # every printed command is one train_student.py accepts
+        parser.parse(cmd[2:])
     for name in ("imagenet/resnet34-resnet18/DIST/trial_1", "imagenet/resnet50-mobilenet_v1/DIST/trial_1"):
         dist = runs[name]  # resnet_dist.yaml: ori_loss_weight 1, kd_loss_weight 2
         assert " ".join(dist).count(" -r 1 -a 0 -b 2 ") == 1 and dist[dist.index("--dist_tau") + 1] == "1"
@@ -133,14 +158,15 @@ def test_a_run_on_several_gpus_goes_through_torchrun(capsys):
 
 
 def test_rows_that_cannot_run_say_why(capsys):
-    for argv, message in ((["--table", "imagenet", "--method", "ReviewKD"], "is not runnable here (quoted)"),
+    for argv, message in ((["--table", "imagenet", "--method", "KD-Zero"], "is reported only: KD-Zero has no public code"),
                           (["--pair", "resnet34:resnet50"], "unknown pair"),
                           (["--table", "imagenet", "--method", "teacher"], "not a distillation run")):
         with pytest.raises(SystemExit) as err:
             reproduce.main(["--dry-run", *argv])
         assert err.value.code == 2 and message in capsys.readouterr().err
-    cmds, _ = _dry_run(capsys, "--table", "imagenet", "--method", "ITRD", "--data_folder", "d")
-    assert len(cmds) == 2  # the opt-in n/a cell on ResNet-50 → MobileNetV1 comes when named
+    for method in ("ITRD", "CTKD"):
+        cmds, _ = _dry_run(capsys, "--table", "imagenet", "--method", method, "--data_folder", "d")
+        assert len(cmds) == 2  # the opt-in n/a cell on ResNet-50 → MobileNetV1 comes when named
 
 
 def _trial(root, cell_dir: str, k: int, accs: list[float]) -> None:
@@ -159,12 +185,20 @@ def test_the_report_sits_beside_the_papers_imagenet_table(tmp_path, capsys):
     assert summarize.main(["--save_root", str(tmp_path), "--table", "imagenet", "--no_plots"]) == 0
     out = capsys.readouterr().out
     assert "ImageNet (ILSVRC-2012) (test top-1 %, ImageNet val)" in out
-    rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in
-            ("teacher", "WTTM", "ReviewKD")}
+    lines = out.splitlines()
+    rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in ROWS}
     assert "73.31" in rows["teacher"] and "76.16" in rows["teacher"]
     assert "72.50 ± - (+0.31)" in rows["WTTM"]  # best of one trial, against the paper's 72.19
-    assert rows["ReviewKD"].split()[1:] == ["quoted", "71.61", "72.56"]
-    assert "ReviewKD: not runnable here (quoted)" in out
+    assert rows["KD-Zero"].split()[1:] == ["reported", "72.17", "73.02"]
+    assert "KD-Zero: reported only: KD-Zero has no public code" in out
+    # every column of the paper is shown, run or not: its paper line carries the paper's values
+    for method in ("SRRL", "KD++", "NKD", "CTKD"):
+        i = next(k for k, line in enumerate(lines) if line.split()[:1] == [method])
+        paper = next(line for line in lines[i:] if line.split()[:1] == ["paper"])
+        expected = ["n/a" if PAPER[p][ROWS.index(method)] is None else f"{PAPER[p][ROWS.index(method)]:.2f}"
+                    for p in (R34, R50)]
+        assert [v for v in paper.split()[1:] if v not in ("†", "‡")] == expected  # † our choice, ‡ none
+    assert "paper's NKD, ImageNet: the NKD paper (Yang et al., ICCV 2023) run with cls_KD and mmcls's teachers" in out
     # where each shown cell's paper number came from, and the batch said plainly
     assert "paper's WTTM, ImageNet: the TTM paper's own run with torchdistill" in out  # both columns
     assert "paper's KD, ImageNet (resnet50→mobilenet_v1): the ReviewKD paper's table" in out
@@ -176,7 +210,7 @@ def test_the_report_sits_beside_the_papers_imagenet_table(tmp_path, capsys):
 
 
 def test_the_runner_knows_train_student_defaults_per_data_set():
-    from helper.config import recipe_of
+    from helper.common_flags import recipe_of
     from paper_tables.trial_plan import run_values
     for dataset in ("cifar100", "digits", "imagenet"):
         values = run_values(["--dataset", dataset])
@@ -191,7 +225,9 @@ def test_every_cell_says_where_the_papers_number_came_from():
     assert "CRD paper" in cells[(R34, "CRD")].origin
     for pair in (R34, R50):
         assert "batch 512, lr 0.2" in cells[(pair, "DKD")].origin
-        assert "batch 512, lr 0.2" in cells[(pair, "ReviewKD")].origin
+        assert "256" in cells[(pair, "ReviewKD")].origin and "lr 0.1" in cells[(pair, "ReviewKD")].origin
+        assert "batch 512, lr 0.2" in cells[(pair, "SRRL")].origin and "Nesterov" in cells[(pair, "KD++")].origin
+        assert "mmcls's teachers" in cells[(pair, "NKD")].origin
     assert "70.13" in cells[(R50, "DIST")].origin and "-b 2" in cells[(R50, "DIST")].origin
     with open(recipes_imagenet.IMAGENET_JSON, encoding="utf-8") as handle:
         data = json.load(handle)

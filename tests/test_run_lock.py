@@ -21,8 +21,9 @@ import train_student
 import train_teacher
 from helper.run_lock import LOCK_NAME, RunLock
 from train_utils import assert_one_line_error, digits_teacher, subprocess_env
+from train_utils import run_student, run_teacher
 
-pytestmark = pytest.mark.usefixtures("small_digits")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A process that takes the lock of a folder, says so, and holds it until killed.
 HOLDER = ("import sys, time; from helper.run_lock import RunLock; "
@@ -31,7 +32,7 @@ HOLDER = ("import sys, time; from helper.run_lock import RunLock; "
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> str:
-    return digits_teacher(tmp_path_factory, pytest.MonkeyPatch)
+    return digits_teacher(tmp_path_factory)
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ def test_a_second_process_on_a_held_folder_is_refused_naming_the_holder(teacher,
     proc.send_signal(signal.SIGKILL)  # the holder dies without cleaning up: the lock is free
     proc.wait()
     assert (folder / LOCK_NAME).exists()
-    train_student.main(student_args(teacher, tmp_path))
+    run_student(student_args(teacher, tmp_path))
     assert (folder / "summary.json").exists() and not (folder / LOCK_NAME).exists()  # released
 
 
@@ -91,7 +92,7 @@ def test_teacher_runs_lock_their_folder_too(tmp_path, capsys):
         assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
         line = refused(capsys, train_teacher.main, argv)
         assert f"pid {os.getpid()}" in line
-    train_teacher.main(argv)  # released when the block ended
+    run_teacher(argv)  # released when the block ended
     assert (folder / "summary.json").exists()
 
 

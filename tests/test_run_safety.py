@@ -16,22 +16,22 @@ import pytest
 import torch
 
 import helper.loop
-import train_student
 from distiller_zoo import METHODS
 from helper import distributed, resume
-from helper.config import option_names
+from helper.augment_flags import AUGMENT_FLAGS
 from helper.student_flags import build_parser, default_run_name, legacy_run_name, parse_config
 from train_utils import assert_one_line_error, digits_teacher, only_run_dir, read_metrics
+from train_utils import run_student
 
 ENV = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> str:
-    return digits_teacher(tmp_path_factory, pytest.MonkeyPatch)
+    return digits_teacher(tmp_path_factory)
 
 
-pytestmark = pytest.mark.usefixtures("small_digits")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def args(teacher: str, root: Path, *extra: str) -> list[str]:
@@ -41,7 +41,7 @@ def args(teacher: str, root: Path, *extra: str) -> list[str]:
 
 def user_error(capsys, argv) -> str:
     with pytest.raises(SystemExit) as info:
-        train_student.main(argv)
+        run_student(argv)
     assert info.value.code == 2
     return assert_one_line_error(capsys.readouterr().err)
 
@@ -51,7 +51,7 @@ def user_error(capsys, argv) -> str:
 def test_resume_refuses_changes_and_keeps_the_runs_own_values(teacher, tmp_path, capsys):
     base = args(teacher, tmp_path, "--run_name", "fixed", "--distill", "kd", "--add", "kd",
                 "-r", "0.1", "-a", "0.9", "-b", "0", "--seed", "5", "--lr_decay_epochs", "1")
-    train_student.main(base)
+    run_student(base)
     run_dir = tmp_path / "student_model" / "fixed"
     config_before = (run_dir / "config.json").read_bytes()
     capsys.readouterr()
@@ -71,11 +71,11 @@ def test_resume_refuses_changes_and_keeps_the_runs_own_values(teacher, tmp_path,
     assert len(read_metrics(run_dir / "metrics.csv")[1]) == 1
 
     # flags of methods the run does not use, and output/speed flags, may differ
-    train_student.main(base + ["--resume", "--ttm_l", "0.3", "--print_freq", "7", "--nce_k", "9"])
+    run_student(base + ["--resume", "--ttm_l", "0.3", "--print_freq", "7", "--nce_k", "9"])
     # flags left out take the run's values; --epochs may grow, and the LR follows the run's schedule
     minimal = ["--path_t", teacher, "--save_root", str(tmp_path), "--run_name", "fixed", "--device", "cpu",
                "--resume", "--epochs", "2"]
-    train_student.main(minimal)
+    run_student(minimal)
     rows = read_metrics(run_dir / "metrics.csv")[1]
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert [float(r["lr"]) for r in rows] == pytest.approx([0.05, 0.005])  # not the default 0.05
@@ -88,7 +88,7 @@ def test_resume_refuses_changes_and_keeps_the_runs_own_values(teacher, tmp_path,
 
 def test_resume_refuses_another_teacher_file(teacher, tmp_path, capsys):
     base = args(teacher, tmp_path, "--run_name", "fixed", "--seed", "2")
-    train_student.main(base)
+    run_student(base)
     other = tmp_path / "resnet14_other" / "t.pth"  # the same architecture, other weights
     other.parent.mkdir()
     ckpt = torch.load(teacher, weights_only=True)
@@ -101,7 +101,7 @@ def test_resume_refuses_another_teacher_file(teacher, tmp_path, capsys):
 
 
 def test_resume_without_a_saved_run_starts_fresh_and_says_so(teacher, tmp_path, capsys):
-    train_student.main(args(teacher, tmp_path, "--run_name", "new", "--resume", "--seed", "1"))
+    run_student(args(teacher, tmp_path, "--run_name", "new", "--resume", "--seed", "1"))
     assert "no resume checkpoint" in capsys.readouterr().out
 
 
@@ -125,10 +125,12 @@ def _other_value(action) -> list[str]:
     if default is None or isinstance(default, str):
         return [action.option_strings[0], {"learning_rate": "0.02", "beta": "0.7", "seed": "9",
                                            "alpha": "2", "dkd_beta": "3", "model_s": "resnet14",
-                                           "trial": "3", "batch_size": "32",
-                                           "weight_decay": "0.001"}[action.dest]]
+                                           "trial": "3", "batch_size": "32", "weight_decay": "0.001",
+                                           "aa": "rand-m9-mstd0.5-inc1", "opt_betas": "0.9,0.99",
+                                           "clip_grad": "5"}[action.dest]]
     value = default * 2 if default else 1
-    if action.dest in ("nce_m", "momentum"):  # both must stay below 1
+    if action.dest in ("nce_m", "momentum", "drop_path", "teacher_drop_path", "smoothing",
+                       "mixup_prob"):  # each must stay below 1
         value = 0.3
     return [action.option_strings[0], str(value)]
 
@@ -140,23 +142,27 @@ def test_runs_that_differ_in_one_training_flag_get_two_folders():
     every_method_flag = {f.dest for _, cls in METHODS.items() for f in cls.flags}
     base = _name()
     checked = []
-    for action in parser._actions:
+    for action in parser.flags:
         dest = action.dest
         if (not action.option_strings or dest in resume.FREE_TO_CHANGE or dest == "help"
                 or dest in ("epochs", "path_t", "model_t", "distill", "add", "alpha")
                 or (dest in every_method_flag and dest not in used)):
             continue
-        assert _name(*_other_value(action)) != base, dest
+        if dest in AUGMENT_FLAGS:  # image-folder data only
+            assert _name("--dataset", "imagenet", *_other_value(action)) != _name("--dataset", "imagenet"), dest
+        else:
+            assert _name(*_other_value(action)) != base, dest
         checked.append(dest)
     assert {"ttm_l", "nce_k", "gamma", "beta", "seed", "batch_size", "learning_rate", "precision",
-            "sync_bn", "trial", "dataset", "model_s"} <= set(checked)
+            "sync_bn", "trial", "dataset", "model_s", "opt", "sched", "clip_grad", "smoothing", "aa",
+            "mixup", "teacher_train_mode"} <= set(checked)
     # the method and the added method are in the name too
     assert _name("--add", "ttm") != base and "crd+wttm" in base
     assert parse_config(["--path_t", "t", "--distill", "wttm"], ENV, "resnet8").distill == "wttm"
     # readable: the seed's fields, the added method's l, the trial last
     assert base.startswith("S-resnet8_T-resnet32x4_cifar100_crd+wttm_r1_a1_b0.8_")
     assert "_l1_" in base and base.endswith("_trial0")
-    assert option_names(parser)["gamma"] == "-r"
+    assert parser.option_names()["gamma"] == "-r"
 
 
 @pytest.mark.parametrize("flags, name", [
@@ -184,14 +190,14 @@ def test_resume_finds_a_run_started_under_the_old_name(teacher, tmp_path, capsys
     """A run folder named the way earlier versions named it (``S:…_T:…_r:1.0_…``) is
     continued by ``--resume`` with the same flags, in that folder."""
     flags = args(teacher, tmp_path, "--distill", "wttm", "--ttm_l", "0.5", "--seed", "3")
-    train_student.main(flags)
+    run_student(flags)
     new = only_run_dir(tmp_path / "student_model")
     cfg = json.loads((new / "config.json").read_text(encoding="utf-8"))
     old = new.parent / legacy_run_name(cfg)
     assert old.name.startswith("S:resnet8_T:resnet14_digits_wttm_r:1.0_a:0.0_b:3.0_") and "_l:0.5_" in old.name
     new.rename(old)
     capsys.readouterr()
-    train_student.main(flags + ["--resume", "--epochs", "2"])
+    run_student(flags + ["--resume", "--epochs", "2"])
     assert f"resumed {old} after epoch 1" in capsys.readouterr().out
     assert only_run_dir(tmp_path / "student_model") == old  # no second folder under the new name
     assert [r["epoch"] for r in read_metrics(old / "metrics.csv")[1]] == ["1", "2"]
@@ -203,7 +209,7 @@ def test_resume_finds_a_run_started_under_the_old_name(teacher, tmp_path, capsys
 def test_output_files_get_the_umask_mode(teacher, tmp_path, umask, mode):
     old = os.umask(umask)
     try:
-        train_student.main(args(teacher, tmp_path, "--seed", "1"))
+        run_student(args(teacher, tmp_path, "--seed", "1"))
     finally:
         os.umask(old)
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
@@ -216,7 +222,7 @@ def test_output_files_get_the_umask_mode(teacher, tmp_path, umask, mode):
 
 def test_a_run_that_never_beats_zero_names_only_files_that_exist(teacher, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(helper.loop, "evaluate", lambda *a, **k: {"acc1": 0.0, "acc5": 0.0, "loss": 9.0})
-    path = Path(train_student.main(args(teacher, tmp_path, "--seed", "1")))
+    path = Path(run_student(args(teacher, tmp_path, "--seed", "1")))
     out = capsys.readouterr().out
     assert path.exists() and path.name == "resnet8_last.pth"
     assert "no best checkpoint was written" in out and "resnet8_best.pth" not in out
@@ -229,15 +235,15 @@ def test_teacher_folder_batch_too_large_and_plain_ce_warning(teacher, tmp_path, 
     line = user_error(capsys, args(teacher, tmp_path, "--batch_size", "4096"))
     assert "--batch_size 4096 is larger than the training set (64 images" in line
     assert not (tmp_path / "student_model").exists()  # refused before anything is written
-    train_student.main(args(teacher, tmp_path, "--seed", "1"))  # the defaults: kd, -a 0, -b 0
+    run_student(args(teacher, tmp_path, "--seed", "1"))  # the defaults: kd, -a 0, -b 0
     err = capsys.readouterr().err
     assert "warning: every distillation weight is 0" in err and "--add" in err and "-b" in err
-    train_student.main(args(teacher, tmp_path, "--seed", "1", "--distill", "wttm"))
+    run_student(args(teacher, tmp_path, "--seed", "1", "--distill", "wttm"))
     assert "warning" not in capsys.readouterr().err
 
 
 def test_config_records_resolved_values_as_readable_utf8(teacher, tmp_path):
-    best = train_student.main(args(teacher, tmp_path, "--distill", "dkd", "--seed", "1"))
+    best = run_student(args(teacher, tmp_path, "--distill", "dkd", "--seed", "1"))
     text = (Path(best).parent / "config.json").read_text(encoding="utf-8")
     config = json.loads(text)
     assert config["dkd_beta"] == 8.0 and config["flags"]["dkd_beta"] is None  # resolved, and as given
@@ -247,9 +253,9 @@ def test_config_records_resolved_values_as_readable_utf8(teacher, tmp_path):
 
 def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
-        train_student.main(["--help"])
+        run_student(["--help"])
     out = capsys.readouterr().out
-    for action in build_parser()._actions:
+    for action in build_parser().flags:
         if action.option_strings and action.dest != "help":
             assert action.option_strings[-1] in out, action.dest
     blocks = out.split("\n  -")

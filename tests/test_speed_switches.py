@@ -19,22 +19,20 @@ import pytest
 import torch
 
 import models
-import train_student
-import train_teacher
 from dataset.base import CIFAR100_MEAN, CIFAR100_STD, ImageDataset
 from dataset.loader import DeviceLoader
 from helper import distributed, speed
 from helper.loop import Trainer
-from helper.student import assemble_step, build_objective
+from helper.assemble import assemble
+from helper.student import build_objective
 from helper.student_flags import parse_config
-from train_utils import digits_teacher, install_small_digits, load, read_metrics
+from train_utils import digits_teacher, load, read_metrics, run_student, run_teacher
 
 N_TRAIN, N_TEST = 96, 50
 
 
 @pytest.fixture(autouse=True)
-def small_digits(monkeypatch):
-    install_small_digits(monkeypatch, N_TRAIN, N_TEST)
+def one_thread_here():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -42,7 +40,7 @@ def small_digits(monkeypatch):
 
 
 def teacher_run(root: Path, *extra: str) -> Path:
-    best = train_teacher.main(["--model", "resnet8", "--dataset", "digits", "--epochs", "1",
+    best = run_teacher(n_train=N_TRAIN, n_test=N_TEST, argv=["--model", "resnet8", "--dataset", "digits", "--epochs", "1",
                                "--batch_size", "32", "--seed", "1", "--save_root", str(root),
                                "--device", "cpu", *extra])
     return Path(best).parent
@@ -67,8 +65,8 @@ def test_teacher_precision_and_layout(tmp_path, extra):
 
 
 def test_student_bf16_channels_last(tmp_path, tmp_path_factory):
-    teacher = digits_teacher(tmp_path_factory, pytest.MonkeyPatch)
-    train_student.main(["--path_t", teacher, "--model_s", "resnet8", "--distill", "wttm", "-b", "3",
+    teacher = digits_teacher(tmp_path_factory)
+    run_student(n_train=N_TRAIN, n_test=N_TEST, argv=["--path_t", teacher, "--model_s", "resnet8", "--distill", "wttm", "-b", "3",
                         "--dataset", "digits", "--epochs", "1", "--batch_size", "32", "--seed", "1",
                         "--precision", "bf16", "--channels_last", "--save_root", str(tmp_path),
                         "--device", "cpu"])
@@ -166,10 +164,8 @@ def student_trainer(method: str, steps: int, tmp_path: Path) -> Trainer:
     teacher = models.create_model("resnet8", 10).eval().requires_grad_(False)
     objective = build_objective(cfg, env, data, teacher)
     fmt = torch.contiguous_format
-    step = assemble_step(cfg, env, objective, teacher, fmt)
     loader = DeviceLoader(images, labels, 16, CIFAR100_MEAN, CIFAR100_STD, train=True, seed=1)
-    return Trainer(cfg, env, step.trainable, step.student, "resnet8", step.optimizer, loader, [],
-                   str(tmp_path), None, teacher=step.teacher, memory_format=fmt)
+    return assemble(cfg, env, objective, "resnet8", (loader, []), str(tmp_path), None, fmt, teacher=teacher)
 
 
 @pytest.mark.parametrize("method", ["wttm", "crd"])

@@ -20,7 +20,6 @@ from torch import nn
 import helper.teacher_cache as tc
 import helper.teacher_cache.build
 import models
-import train_student
 from dataset import load_digits32
 from dataset.loader import DeviceLoader, view_images
 from dataset.views import decode_views, encode_views, views_per_image
@@ -31,7 +30,7 @@ from helper.student import build_objective
 from helper.student_flags import parse_config
 from helper.teacher_cache.build import build_cache
 from helper.teacher_cache.store import CacheKey, build_lock, cache_paths, check_cache, open_table
-from train_utils import install_small_digits, read_metrics, shrink
+from train_utils import read_metrics, run_student, shrink
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"))
 N_IMAGES = 8
@@ -260,8 +259,7 @@ def test_a_build_waits_for_the_lock_and_reuses_a_cache_built_meanwhile(tmp_path)
 # ---- whole runs ----------------------------------------------------------------------------
 
 @pytest.fixture()
-def teacher_file(tmp_path, monkeypatch):
-    install_small_digits(monkeypatch, N_IMAGES, 8)
+def teacher_file(tmp_path):
     torch.manual_seed(0)
     net = models.create_model("resnet8", 10)
     with torch.no_grad():  # confident logits that differ from view to view, as a trained teacher's
@@ -276,7 +274,7 @@ def run(teacher: str, root: Path, mode: str, trial: str, *method: str) -> dict:
             "--batch_size", "4", "--seed", "1", "--save_root", str(root), "--device", "cpu",
             "--nce_k", "4", "--teacher_cache", mode, "--trial", trial,
             *(method or ("--distill", "wttm", "--ttm_l", "0.1", "-b", "3"))]
-    run_dir = Path(train_student.main(argv)).parent
+    run_dir = Path(run_student(argv, N_IMAGES, 8)).parent
     _, rows = read_metrics(run_dir / "metrics.csv")
     return {"row": rows[0], "config": json.loads((run_dir / "config.json").read_text())}
 

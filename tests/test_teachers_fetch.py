@@ -412,3 +412,76 @@ def test_other_gaps_classes_and_non_checkpoints_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert fragment in err and len(err.splitlines()) == 1, err
         assert "(101)" not in err and "shape mismatches" not in err
+
+
+# --- --deit: mmcls's DeiT III-S file, fetched as is ---------------------------------------------
+
+DEIT3 = "deit3_small_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def mmcls_deit3() -> bytes:
+    """A 1000-class DeiT III-S file made as mmcls's runner saves it: ``{'meta', 'state_dict'}``
+    with mmcls's key names (random weights; ~88 MB, as the real one)."""
+    from test_models_vit import facebook_state_dict, mmcls_state_dict
+
+    torch.manual_seed(0)
+    state = models.create_model(DEIT3, 1000).state_dict()
+    buffer = io.BytesIO()
+    torch.save({"meta": {"mmcls_version": "0.24.1", "epoch": 300},
+                "state_dict": mmcls_state_dict(facebook_state_dict(state))}, buffer)
+    return buffer.getvalue()
+
+
+def test_deit_fetch_resumes_checks_the_hash_and_load_and_converts_nothing(server, mmcls_deit3, tmp_path):
+    from helper.distill import teacher_arch_from_path
+
+    name = _hashed("deit3-small-p16_in21k-pre_3rdparty_in1k_20221009", mmcls_deit3)
+    wrong = _torchvision_file("resnet18")  # its own hash, but ResNet weights for a ViT arch
+    wrong_name = _hashed("deit3-small-resnet-inside", wrong)
+    server.files.update({f"/deit3/{name}": mmcls_deit3, f"/deit3/{wrong_name}": wrong})
+    partial = tmp_path / f"{DEIT3}_imagenet" / (name + ".part")
+    partial.parent.mkdir()
+    partial.write_bytes(mmcls_deit3[:1_000_000])
+    base = f"http://127.0.0.1:{server.server_port}/deit3/"
+    out = _fetch(server, tmp_path, "--deit", f"{DEIT3}={name}", f"{DEIT3}={wrong_name}", KD_TEACHER_DEIT_URL=base)
+    assert out.returncode == 1, out.stdout + out.stderr  # the ResNet file fails the run
+    placed = tmp_path / f"{DEIT3}_imagenet" / name
+    assert (f"/deit3/{name}", "bytes=1000000-") in server.requests and not partial.exists()
+    assert placed.read_bytes() == mmcls_deit3  # mmcls's layout on disk, mapped only when loaded
+    assert teacher_arch_from_path(str(placed)) == DEIT3
+    assert f"{DEIT3}: ok" in out.stdout and f"{DEIT3}: loads into our {DEIT3}" in out.stdout
+    # a file whose hash matches but that is no DeiT III-S: kept, reported in one line
+    errors = [line for line in out.stderr.splitlines() if line.startswith(f"error: {DEIT3}")]
+    assert len(errors) == 1 and "matches its SHA-256 but does not load into our" in errors[0], out.stderr
+    assert f"1 teacher(s) missing or invalid: {DEIT3}" in out.stderr
+
+
+def test_deit_offline_fails_fast_names_the_mirror_variable_and_leaves_no_folders(tmp_path):
+    closed = f"http://127.0.0.1:{_closed_port()}"
+    env = {**os.environ, "KD_TEACHER_DEIT_URL": closed + "/deit3", "PYTHON": sys.executable,
+           "KD_TEACHER_DIR": str(tmp_path / "save" / "models"), "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    out = subprocess.run(["bash", os.path.join(REPO, "scripts", "fetch_pretrained_teachers.sh"), "--deit"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and time.monotonic() - start < 30
+    assert f"{closed}/deit3/deit3-small-p16_in21k-pre_3rdparty_in1k_20221009-dcd90827.pth" in out.stdout
+    assert "(set KD_TEACHER_DEIT_URL to a mirror holding deit3-small-p16_in21k" in out.stderr
+    assert f"1 teacher(s) missing or invalid: {DEIT3}" in out.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_deit_table_and_names(capsys):
+    assert teacher_fetch.main(["imagenet-files", "--deit"]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert rows == [[DEIT3, "deit3-small-p16_in21k-pre_3rdparty_in1k_20221009-dcd90827.pth",
+                     "https://download.openmmlab.com/mmclassification/v0/deit3/"
+                     "deit3-small-p16_in21k-pre_3rdparty_in1k_20221009-dcd90827.pth", "yes"]]
+    assert teacher_fetch.sha256_prefix(rows[0][1]) == "dcd90827"  # '-' inside mmcls's stems
+    assert teacher_fetch.main(["imagenet-files", "--deit", "--base", "http://mirror/mm"]) == 0
+    assert capsys.readouterr().out.split("\t")[2] == (
+        "http://mirror/mm/deit3-small-p16_in21k-pre_3rdparty_in1k_20221009-dcd90827.pth")
+    for bad, why in [("resnet34", "unknown DeiT teacher"), ("deit_x=deit-0123abcd.pth", "letters and digits only")]:
+        with pytest.raises(SystemExit) as err:
+            teacher_fetch.main(["imagenet-files", "--deit", bad])
+        assert err.value.code == 2 and why in capsys.readouterr().err, bad

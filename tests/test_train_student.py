@@ -18,9 +18,9 @@ import torch
 
 import models
 import helper.student
-import train_student
 from distiller_zoo import METHODS
 from helper.distill import teacher_arch_from_path
+from train_utils import run_student
 from train_utils import (TEACHER_ARCH, assert_one_line_error, digits_teacher, load,
                          read_metrics)
 
@@ -52,10 +52,10 @@ README_COMMANDS = {
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> str:
-    return digits_teacher(tmp_path_factory, pytest.MonkeyPatch)
+    return digits_teacher(tmp_path_factory)
 
 
-pytestmark = pytest.mark.usefixtures("small_digits")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def student_args(teacher: str, root, student: str = "resnet8", *extra: str) -> list[str]:
@@ -66,7 +66,7 @@ def student_args(teacher: str, root, student: str = "resnet8", *extra: str) -> l
 
 def expect_user_error(capsys, argv, *fragments: str) -> str:
     with pytest.raises(SystemExit) as info:
-        train_student.main(argv)
+        run_student(argv)
     assert info.value.code == 2
     line = assert_one_line_error(capsys.readouterr().err)
     for fragment in fragments:
@@ -109,7 +109,7 @@ def test_method_trains_one_epoch(teacher, tmp_path, capsys, config, pair):
         expect_user_error(capsys, argv, name, PAIRS[pair])
         assert not (tmp_path / "student_model").exists()
         return
-    run = check_one_epoch_run(train_student.main(argv), argv)
+    run = check_one_epoch_run(run_student(argv), argv)
     out = capsys.readouterr().out
     stage = name in ("abound", "factor", "fsp")
     assert ("init stage epoch 1/1" in out) == stage
@@ -125,7 +125,7 @@ def test_readme_command_runs_unchanged(teacher, tmp_path, command):
     seed_args = shlex.split(README_COMMANDS[command])[2:]
     appended = ["--dataset", "digits", "--epochs", "1", "--path_t", teacher, "--save_root",
                 str(tmp_path / "save"), "--device", "cpu"]
-    run = check_one_epoch_run(train_student.main(seed_args + appended), seed_args)
+    run = check_one_epoch_run(run_student(seed_args + appended), seed_args)
     config = run["config"]
     assert config["gamma"] == float(flag(seed_args, "-r", 1.0))
     assert config["alpha"] == float(flag(seed_args, "-a")) and config["beta"] == float(flag(seed_args, "-b"))
@@ -182,7 +182,7 @@ def test_crd_checkpoints_and_resume_after_a_crash(teacher, tmp_path, monkeypatch
 
     monkeypatch.setattr(crd_cls, "forward", crash_in_epoch_2)
     with pytest.raises(Crash):
-        train_student.main(argv)
+        run_student(argv)
     monkeypatch.setattr(crd_cls, "forward", forward)
     run_dir = tmp_path / "student_model" / "crd_run"
     saved = load(run_dir / "resume.pth")
@@ -202,18 +202,17 @@ def test_crd_checkpoints_and_resume_after_a_crash(teacher, tmp_path, monkeypatch
         models.create_model("resnet8", NUM_CLASSES).load_state_dict(ckpt["model"])
 
     captured = {}
-    real_restore = helper.student.restore
+    real_restore = helper.loop.Trainer.restore
 
-    def spy(*args, **kwargs):
-        objective = args[-1].__self__  # restore's last argument: the objective's load_task_state
+    def spy(trainer, state, load_task_state):
+        objective = load_task_state.__self__  # the objective's load_task_state
         captured["before"] = clone_state(objective.task_state())
-        progress = real_restore(*args, **kwargs)
+        real_restore(trainer, state, load_task_state)
         captured["after"] = clone_state(objective.task_state())
-        return progress
 
-    monkeypatch.setattr(helper.student, "restore", spy)
+    monkeypatch.setattr(helper.loop.Trainer, "restore", spy)
     capsys.readouterr()
-    best = train_student.main(argv + ["--resume"])
+    best = run_student(argv + ["--resume"])
     assert "resumed" in capsys.readouterr().out
     # a freshly built method differs from the saved one; after restore it is the saved one
     assert not torch.equal(captured["before"]["main"][memory], main_state[memory])
@@ -236,7 +235,7 @@ def test_published_style_teacher_and_default_weight(teacher, tmp_path, capsys):
     published = tmp_path / "save" / "models" / f"{TEACHER_ARCH}_vanilla" / "ckpt_epoch_240.pth"
     published.parent.mkdir(parents=True)
     torch.save({"model": ckpt["model"], "epoch": 240, "accuracy": ckpt["accuracy"]}, published)
-    best = train_student.main(student_args(str(published), tmp_path / "save", "resnet8",
+    best = run_student(student_args(str(published), tmp_path / "save", "resnet8",
                                            "--distill", "attention"))
     out = capsys.readouterr().out
     assert "loss = 1·CE + 1000·attention" in out
@@ -303,11 +302,11 @@ def test_bad_student_flags(teacher, tmp_path, capsys, extra, fragment):
 def test_crd_says_when_nce_k_exceeds_the_negatives_available(teacher, tmp_path, caplog):
     """64 training digits: each class has about 58 samples of other classes to draw from."""
     with caplog.at_level("WARNING"):
-        train_student.main(student_args(teacher, tmp_path, "resnet8", "--distill", "crd", "--nce_k", "60"))
+        run_student(student_args(teacher, tmp_path, "resnet8", "--distill", "crd", "--nce_k", "60"))
     said = [r.getMessage() for r in caplog.records if "--nce_k" in r.getMessage()]
     assert len(said) == 1 and "--nce_k 60 is more than the" in said[0]
     assert "drawn with replacement" in said[0]
     caplog.clear()
     with caplog.at_level("WARNING"):
-        train_student.main(student_args(teacher, tmp_path, "resnet8", "--distill", "crd", "--nce_k", "16"))
+        run_student(student_args(teacher, tmp_path, "resnet8", "--distill", "crd", "--nce_k", "16"))
     assert not [r for r in caplog.records if "--nce_k" in r.getMessage()]

@@ -22,13 +22,14 @@ import torch
 import models
 import helper.teacher_run
 import train_teacher
+from train_utils import run_teacher
 from train_utils import (METRIC_COLUMNS, assert_one_line_error, launcher_command,
                          load, read_metrics, subprocess_env)
 
 NUM_CLASSES = 10  # digits
 
 
-pytestmark = pytest.mark.usefixtures("small_digits")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def teacher_args(root, *extra: str, model: str = "resnet8") -> list[str]:
@@ -38,7 +39,7 @@ def teacher_args(root, *extra: str, model: str = "resnet8") -> list[str]:
 
 def expect_user_error(capsys, argv, match: str) -> str:
     with pytest.raises(SystemExit) as info:
-        train_teacher.main(argv)
+        run_teacher(argv)
     assert info.value.code == 2
     line = assert_one_line_error(capsys.readouterr().err)
     assert match in line, line
@@ -56,7 +57,7 @@ def same_tensors(a: dict, b: dict) -> None:
 def test_run_folder_checkpoints_and_logs(tmp_path, capsys):
     argv = teacher_args(tmp_path / "save", "--epochs", "3", "--lr_decay_epochs", "1,2",
                         "--save_freq", "2", "--print_freq", "1")
-    best = Path(train_teacher.main(argv))
+    best = Path(run_teacher(argv))
     out = capsys.readouterr().out
     run_dir = best.parent
     assert run_dir.parent == tmp_path / "save" / "models"
@@ -117,13 +118,13 @@ def test_run_folder_checkpoints_and_logs(tmp_path, capsys):
     # a fresh start in a folder that holds a run is refused ...
     expect_user_error(capsys, argv, "already holds a run")
     # ... --resume of the finished run trains nothing more
-    train_teacher.main(argv + ["--resume"])
+    run_teacher(argv + ["--resume"])
     assert "resumed" in capsys.readouterr().out
     assert len(read_metrics(run_dir / "metrics.csv")[1]) == 3
     same_tensors(load(run_dir / "resnet8_last.pth")["model"], ckpts["resnet8_last.pth"]["model"])
 
     # the recorded seed reproduces the run: its first epoch, again, with --seed given
-    again = Path(train_teacher.main(teacher_args(tmp_path / "again", "--epochs", "1", "--lr_decay_epochs",
+    again = Path(run_teacher(teacher_args(tmp_path / "again", "--epochs", "1", "--lr_decay_epochs",
                                                  "1,2", "--seed", str(config["seed"]))))
     first = read_metrics(again.parent / "metrics.csv")[1][0]
     assert {k: v for k, v in first.items() if k != "seconds"} == \
@@ -144,7 +145,7 @@ def test_default_learning_rate_in_config_json(tmp_path, monkeypatch, model, extr
 
     monkeypatch.setattr(helper.teacher_run, "make_loaders", stop)
     with pytest.raises(Stop):
-        train_teacher.main(teacher_args(tmp_path, "--epochs", "1", *extra, model=model))
+        run_teacher(teacher_args(tmp_path, "--epochs", "1", *extra, model=model))
     (run_dir,) = (tmp_path / "models").iterdir()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["learning_rate"] == lr and config["base_learning_rate"] == lr
@@ -207,7 +208,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     # an LR multiplied by 1e30 after epoch 1: the weights overflow early in epoch 2
     common = teacher_args(tmp_path, "--seed", "1", "--run_name", "nan_run", "--lr_decay_epochs", "1",
                           "--lr_decay_rate", "1e30")
-    train_teacher.main(common + ["--epochs", "1"])
+    run_teacher(common + ["--epochs", "1"])
     run_dir = tmp_path / "models" / "nan_run"
     kept = {name: (run_dir / name).read_bytes() for name in
             ("resume.pth", "resnet8_best.pth", "resnet8_last.pth", "metrics.csv", "summary.json")}
@@ -301,7 +302,7 @@ def test_skipped_validation_files_are_counted_apart_from_training_ones(tmp_path)
         os.remove(path)  # the odd training files and one validation image per class remain
     Path(sorted(glob.glob(f"{root}/val/*/*"))[0]).write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
     with pytest.warns(UserWarning, match="cannot decode"):
-        best = train_teacher.main(["--model", "resnet18", "--dataset", "imagenet", "--data_folder",
+        best = run_teacher(["--model", "resnet18", "--dataset", "imagenet", "--data_folder",
                                    str(root), "--batch_size", "4", "--epochs", "1", "--seed", "1",
                                    "--workers", "0", "--save_root", str(tmp_path), "--device", "cpu"])
     header, rows = read_metrics(Path(best).parent / "metrics.csv")

@@ -4,8 +4,8 @@ The end-to-end tests call the entry scripts' ``main(argv)`` in-process on the bu
 set. To keep the whole suite within a few minutes on 2 CPU cores they shrink digits to its
 first ``SMALL_TRAIN`` training and ``SMALL_TEST`` test images (the split is already shuffled
 and stratified, so every class is present): everything else (flags, loader, augmentation,
-loop, checkpoints, logs) is the real code path. The data is shrunk by swapping
-``helper.run.load_dataset``, the one place both scripts load data through.
+loop, checkpoints, logs) is the real code path. The shrunk set is handed to the entry
+scripts' ``main(argv, data)`` by :func:`run_student` / :func:`run_teacher`.
 
 Run as a script, this module is the subprocess launcher of the tests that need a real
 process (``kill -9``, exit status, stderr)::
@@ -39,22 +39,29 @@ def shrink(data, n_train: int, n_test: int):
         test_images=data.test_images[:n_test], test_labels=data.test_labels[:n_test])
 
 
-def small_loader(n_train: int = SMALL_TRAIN, n_test: int = SMALL_TEST):
-    """A ``load_dataset`` whose ``digits`` is shrunk (other data sets are untouched)."""
+def small_data(argv: Sequence[str], n_train: int = SMALL_TRAIN, n_test: int = SMALL_TEST):
+    """The shrunk digits set when ``argv`` trains on ``--dataset digits``; None otherwise
+    (the run loads its data set itself)."""
     import dataset
 
-    def load(name: str, data_folder: str, download: bool = True):
-        data = dataset.load_dataset(name, data_folder, download)
-        return shrink(data, n_train, n_test) if name == "digits" else data
+    args = list(argv)
+    if "--dataset" not in args or args[args.index("--dataset") + 1] != "digits":
+        return None
+    return shrink(dataset.load_dataset("digits", "unused"), n_train, n_test)
 
-    return load
+
+def run_student(argv: Sequence[str], n_train: int = SMALL_TRAIN, n_test: int = SMALL_TEST) -> str:
+    """``train_student.main(argv)`` on the shrunk digits set (when ``argv`` asks for digits)."""
+    import train_student
+
+    return train_student.main(list(argv), small_data(argv, n_train, n_test))
 
 
-def install_small_digits(monkeypatch, n_train: int = SMALL_TRAIN, n_test: int = SMALL_TEST) -> None:
-    """Makes ``--dataset digits`` load the shrunk set for in-process runs."""
-    import helper.run
+def run_teacher(argv: Sequence[str], n_train: int = SMALL_TRAIN, n_test: int = SMALL_TEST) -> str:
+    """``train_teacher.main(argv)`` on the shrunk digits set (when ``argv`` asks for digits)."""
+    import train_teacher
 
-    monkeypatch.setattr(helper.run, "load_dataset", small_loader(n_train, n_test))
+    return train_teacher.main(list(argv), small_data(argv, n_train, n_test))
 
 
 def read_metrics(path: os.PathLike) -> tuple[list[str], list[dict[str, str]]]:
@@ -82,18 +89,14 @@ def only_run_dir(root: os.PathLike) -> Path:
 _TEACHERS: dict[str, str] = {}
 
 
-def digits_teacher(tmp_path_factory, monkeypatch_cls) -> str:
+def digits_teacher(tmp_path_factory) -> str:
     """The best checkpoint of a ``TEACHER_ARCH`` teacher trained for one epoch on the small
     digits set; trained once per test session and shared by every test module."""
     if TEACHER_ARCH not in _TEACHERS:
-        import train_teacher
-
         root = tmp_path_factory.mktemp("teacher")
-        with monkeypatch_cls.context() as mp:
-            install_small_digits(mp)
-            _TEACHERS[TEACHER_ARCH] = train_teacher.main([
-                "--model", TEACHER_ARCH, "--dataset", "digits", "--epochs", "1", "--seed", "3",
-                "--save_root", str(root), "--device", "cpu"])
+        _TEACHERS[TEACHER_ARCH] = run_teacher([
+            "--model", TEACHER_ARCH, "--dataset", "digits", "--epochs", "1", "--seed", "3",
+            "--save_root", str(root), "--device", "cpu"])
     return _TEACHERS[TEACHER_ARCH]
 
 
@@ -143,10 +146,7 @@ def load_script(name: str):
 def _launch(argv: Sequence[str]) -> None:
     who, n_train, n_test, sep, *args = argv
     assert sep == "--" and who in ("teacher", "student"), argv
-    import helper.run
-
-    helper.run.load_dataset = small_loader(int(n_train), int(n_test))
-    __import__(f"train_{who}").main(args)
+    (run_teacher if who == "teacher" else run_student)(args, int(n_train), int(n_test))
 
 
 if __name__ == "__main__":

@@ -129,6 +129,9 @@ def plan(cfg: Config, env: DistEnv, data: Any, feature_kind: Optional[str]) -> C
     mode = cfg.teacher_cache
     if mode == "off":
         return CachePlan(mode, False, False, "--teacher_cache off")
+    if cfg.get("teacher_train_mode"):
+        return CachePlan(mode, False, False, "--teacher_train_mode: the teacher's outputs are drawn "
+                         "afresh each step; the live teacher runs")
     if feature_kind is not None:
         return CachePlan(mode, False, False, f"the methods in use read the teacher's {feature_kind} "
                          f"features (--distill {cfg.distill}); the live teacher runs")

@@ -27,7 +27,8 @@ from helper import distributed
 from helper.config import Config
 from helper.distributed import DistEnv
 from helper.speed import memory_format
-from helper.student import assemble_step, build_objective
+from helper.assemble import assemble_step
+from helper.student import build_objective
 from helper.student_flags import parse_config
 from helper.teacher_cache import PAD, CachedTeacher, cache_key
 from helper.teacher_cache.build import build_cache

@@ -33,7 +33,7 @@ from errors import UserError
 from helper import distributed
 from helper.config import Config
 from helper.distributed import DistEnv
-from helper.run import EVAL_BATCH, close_loaders, default_workers
+from helper.data_setup import EVAL_BATCH, close_loaders, default_workers
 from helper.student_flags import methods_in_use
 from helper.teacher_cache.store import CachePaths, build_lock, images_sha256
 

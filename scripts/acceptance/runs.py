@@ -3,13 +3,12 @@
 benchmark's step rows with and without CUDA graphs, and the ImageNet loader."""
 from __future__ import annotations
 
-import contextlib
 import csv
 import glob
 import io
 import json
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,26 +16,15 @@ import torch
 import models
 
 
-@contextlib.contextmanager
-def shrunk_digits(n_train: int, n_test: int) -> Iterator[None]:
-    """``--dataset digits`` loads its first images only (the smoke run), restored afterwards."""
+def small_digits(n_train: int, n_test: int) -> Any:
+    """The digits set cut to its first images (the smoke run), handed to the runs."""
     import dataclasses
 
     import dataset
-    import helper.run
 
-    original = helper.run.load_dataset
-
-    def load(name: str, data_folder: str, download: bool = True):
-        data = dataset.load_dataset(name, data_folder, download)
-        return dataclasses.replace(data, train_images=data.train_images[:n_train],
-                                   train_labels=data.train_labels[:n_train],
-                                   test_images=data.test_images[:n_test], test_labels=data.test_labels[:n_test])
-    helper.run.load_dataset = load
-    try:
-        yield
-    finally:
-        helper.run.load_dataset = original
+    data = dataset.load_dataset("digits", "unused")
+    return dataclasses.replace(data, train_images=data.train_images[:n_train], train_labels=data.train_labels[:n_train],
+                               test_images=data.test_images[:n_test], test_labels=data.test_labels[:n_test])
 
 
 def _teacher_file(root: str) -> str:
@@ -48,9 +36,9 @@ def _teacher_file(root: str) -> str:
     return path
 
 
-def digits_runs(root: str, device: torch.device, epochs: int) -> dict[str, Any]:
-    """``train_student`` on digits twice, ``--cuda_graphs on`` and ``off``: per-epoch rows and
-    each run's ``summary.json`` step record."""
+def digits_runs(root: str, device: torch.device, epochs: int, data: Any = None) -> dict[str, Any]:
+    """``train_student`` on digits (``data`` when given) twice, ``--cuda_graphs on`` and
+    ``off``: per-epoch rows and each run's ``summary.json`` step record."""
     from helper.student import train
     teacher = _teacher_file(root)
     out: dict[str, Any] = {}
@@ -59,7 +47,7 @@ def digits_runs(root: str, device: torch.device, epochs: int) -> dict[str, Any]:
         train(["--path_t", teacher, "--model_s", "resnet8", "--dataset", "digits", "--distill", "wttm",
                "--ttm_l", "0.1", "-b", "1", "--epochs", str(epochs), "--seed", "1", "--cuda_graphs", mode,
                "--save_root", save_root, "--device", str(device), "--teacher_cache", "off",
-               "--print_freq", "1000000", "--lr_decay_epochs", str(max(epochs - 1, 1))])
+               "--print_freq", "1000000", "--lr_decay_epochs", str(max(epochs - 1, 1))], data)
         [run_dir] = glob.glob(os.path.join(save_root, "student_model", "*"))
         with open(os.path.join(run_dir, "metrics.csv"), encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
@@ -95,7 +83,7 @@ def jpegs() -> list[tuple[str, bytes]]:
     one, and one stored as RGB with an Adobe APP14 marker (transform 0)."""
     from PIL import Image
 
-    from scripts.bench.imagenet_files import photo_like
+    from scripts.bench.imagenet import photo_like
     rng = np.random.default_rng(0)
     out = []
     for name, kwargs in (("baseline q90 4:2:0", {"quality": 90}), ("baseline q75 4:4:4", {"quality": 75, "subsampling": 0}),
@@ -131,35 +119,34 @@ def decode_rows(device: torch.device) -> tuple[list[dict[str, Any]], bool, str]:
 
 
 def bench_steps(device: torch.device, save_root: str, pair: str, smoke: bool) -> list[dict[str, Any]]:
-    """The benchmark's step rows (``scripts/bench/measure_step``), fp32 and bf16+cl, each with
+    """The benchmark's step rows (``scripts/bench/step``), fp32 and bf16+cl, each with
     ``--cuda_graphs on`` and ``off``: ms per step and how the step ran."""
     from helper import distributed
-    from scripts.bench import measure_loader, measure_step
+    from scripts.bench import data as bench_data, step as bench_step
     from scripts.bench.timing import Clock, Setting, apply_global_switches
     env = distributed.DistEnv(0, 1, 0, device)
     clock = Clock(device)
-    data = measure_loader.synthetic_data(256, 1)
-    batches = measure_step.cifar_batches(data, device, batch=16 if smoke else 64)
+    data = bench_data.synthetic_data(256, 1)
+    batches = bench_data.cifar_batches(data, device, batch=16 if smoke else 64)
     rows = []
     for name in ("fp32", "bf16+cl"):
         setting = Setting.parse(name)
         apply_global_switches(setting, clock.cuda)
         for graphs in ("off", "on"):
-            argv = measure_step.student_argv(pair, ["--distill", "wttm", "--ttm_l", "0.1", "-b", "1"], setting,
+            argv = bench_step.student_argv(pair, ["--distill", "wttm", "--ttm_l", "0.1", "-b", "1"], setting,
                                              save_root, ["--cuda_graphs", graphs])
-            loader = measure_step.CycledBatches(batches[setting.channels_last])
-            run = measure_step.build_run(measure_step.student_config(pair, argv, env), env, data, loader)
-            timed, _ = measure_step.time_steps(run, loader, clock, 2 if smoke else 10, 2 if smoke else 50,
+            loader = bench_step.CycledBatches(batches[setting.channels_last])
+            run = bench_step.build_run(bench_step.student_config(pair, argv, env), env, data, loader)
+            timed, _ = bench_step.time_steps(run, loader, clock, 2 if smoke else 10, 2 if smoke else 50,
                                                1 if smoke else 5)
             rows.append({"setting": name, "--cuda_graphs": graphs, "ms/step median": timed["ms_per_step"]["median"],
-                         "step mode": measure_step.step_mode(run)})
+                         "step mode": bench_step.step_mode(run)})
     return rows
 
 
 def imagenet_loader(device: torch.device, root: str, smoke: bool) -> list[dict[str, Any]]:
     """Images/s of the ImageNet training loader over generated ILSVRC-style JPEGs."""
-    from scripts.bench.imagenet_files import write_ilsvrc_folder
-    from scripts.bench.measure_imagenet import loader_rows
+    from scripts.bench.imagenet import loader_rows, write_ilsvrc_folder
     from scripts.bench.timing import Clock
     folder = write_ilsvrc_folder(os.path.join(root, "imagenet"), 32 if smoke else 512, 8 if smoke else 64)
     workers = [0] if smoke else [4, 8]

@@ -11,7 +11,8 @@ import torch
 
 from distiller_zoo import METHODS
 from scripts.acceptance import runs, twins
-from scripts.acceptance.host_sync import Case, recipe_cases
+from helper.host_sync import Case
+from paper_tables.recipes import add_combinations
 from scripts.acceptance.report import Section
 
 SMOKE_TWINS = ("wttm", "dkd", "itrd+wttm")  # the CPU smoke's subset: every path, in < 60 s
@@ -35,7 +36,7 @@ class Context:
 
 
 def all_cases() -> list[Case]:
-    return [Case(name) for name in METHODS.names()] + recipe_cases()
+    return [Case(name) for name in METHODS.names()] + [Case(*combo) for combo in add_combinations()]
 
 
 def environment(ctx: Context) -> Section:
@@ -94,9 +95,8 @@ def recaptures(ctx: Context) -> Section:
 
 
 def digits(ctx: Context) -> Section:
-    context = runs.shrunk_digits(128, 100) if ctx.smoke else _nothing()
-    with context:
-        result = runs.digits_runs(ctx.root, ctx.device, 1 if ctx.smoke else 3)
+    data = runs.small_digits(128, 100) if ctx.smoke else None
+    result = runs.digits_runs(ctx.root, ctx.device, 1 if ctx.smoke else 3, data)
     rows, ok, lines = runs.compare_digits(result, ctx.device.type == "cuda")
     return Section("digits end to end, --cuda_graphs on vs off", ok, rows, lines)
 
@@ -121,9 +121,6 @@ def imagenet(ctx: Context) -> Section:
     return Section("ImageNet loader images/s", True, rows)
 
 
-def _nothing():
-    import contextlib
-    return contextlib.nullcontext()
 
 
 SECTIONS: list[tuple[str, Callable[[Context], Section]]] = [

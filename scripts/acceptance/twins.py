@@ -18,7 +18,7 @@ from dataset.loader import DeviceLoader
 from helper.graph_capture import max_relative_error
 from helper.graph_step import TOLERANCES, GraphedStep
 from helper.step import unpack
-from scripts.acceptance.host_sync import Built, Case, build_case
+from helper.host_sync import Built, Case, build_case
 from scripts.acceptance.standins import RerunGraphs
 
 EPOCHS = 3
@@ -113,7 +113,7 @@ def recaptures(device: torch.device, save_root: str, batch: int, n: int, count: 
 
 def screen(cases: list[Case], device: torch.device, save_root: str, batch: int) -> list[dict[str, Any]]:
     """The host-sync screen on ``device``: one step per case under :class:`RefuseHostSync`."""
-    from scripts.acceptance.host_sync import screen_step
+    from helper.host_sync import screen_step
     rows = []
     for case in cases:
         row: dict[str, Any] = {"case": case.name}

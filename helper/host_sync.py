@@ -9,7 +9,8 @@ screen refuses the ops themselves, which is what a CUDA step would wait on.
 
 :func:`build_case` assembles a step exactly as ``train_student.py`` does (the flags through
 :func:`helper.student_flags.parse_config`, :func:`helper.student.build_objective` and
-:func:`helper.student.assemble_step`); :func:`screen_step` runs one step under the mode.
+:func:`helper.assemble.assemble_step`); :func:`screen_step` runs one step under the mode. The
+``--add`` combinations the paper tables run come from :func:`paper_tables.recipes.add_combinations`.
 """
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
+from dataset.base import CIFAR100_MEAN, CIFAR100_STD, ImageDataset
 from helper import distributed
+from helper.assemble import assemble_step
+from helper.student import build_objective
+from helper.student_flags import parse_config
 
 aten = torch.ops.aten
 # Ops whose output size or value the host must know: each waits for the device.
@@ -94,26 +99,6 @@ class Case:
         return ["--distill", self.distill]
 
 
-def recipe_cases() -> list[Case]:
-    """The ``--distill``/``--add`` combinations the paper tables run (their recipe files)."""
-    from paper_tables import recipes
-    cells = [c for c in recipes.load_cells() if c.runnable]
-    try:
-        from paper_tables import recipes_imagenet
-        cells += [c for c in recipes_imagenet.load_imagenet_cells() if c.runnable]
-    except Exception:  # the ImageNet table is optional here; the CIFAR ones are not
-        pass
-    combos = {}
-    for cell in cells:
-        flags = cell.flags()
-        add = flags[flags.index("--add") + 1] if "--add" in flags else None
-        alpha = float(flags[flags.index("-a") + 1]) if "-a" in flags else 0.0
-        if add and add != "none" and alpha:
-            case = Case(flags[flags.index("--distill") + 1], add, alpha)
-            combos.setdefault(case.name, case)
-    return sorted(combos.values(), key=lambda c: c.name)
-
-
 # Pairs tried in order until a method builds for one (FSP and AB need matching stages; a
 # method for transformers needs a transformer pair, when the registry has one).
 def candidate_pairs() -> list[tuple[str, str]]:
@@ -126,7 +111,6 @@ def candidate_pairs() -> list[tuple[str, str]]:
 def synthetic_data(size: int, n: int = 64, classes: int = 10) -> Any:
     """A small in-memory data set of ``n`` random ``size``-pixel images (what methods with
     data-set statistics, KD++'s class means, read through its loaders)."""
-    from dataset.base import CIFAR100_MEAN, CIFAR100_STD, ImageDataset
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
     labels = torch.arange(n) % classes
@@ -152,8 +136,6 @@ def build_case(case: Case, device: torch.device, save_root: str, batch: int = 8,
     Raises:
         the last pair's error when the method builds for none of them.
     """
-    from helper.student import assemble_step, build_objective
-    from helper.student_flags import parse_config
     env = distributed.DistEnv(0, 1, 0, device)
     error: Exception = ValueError("no pair")
     for teacher_name, student_name in candidate_pairs():
