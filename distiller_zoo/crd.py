@@ -310,8 +310,8 @@ class CRDMethod(Distiller):
         Flag("--nce_k", int, 16384, "number of negative samples for NCE", minimum=1),
         Flag("--nce_t", float, 0.07, "temperature parameter for softmax", above=0),
         Flag("--nce_m", float, 0.5, "momentum for non-parametric updates", minimum=0, below=1),
-        Flag("--nce_replace", str, "auto", "negatives drawn with replacement: yes (the ImageNet "
-             "reference), no (the CIFAR-100 reference, unless a class's pool is smaller than "
+        Flag("--nce_replace", str, "auto", "negatives drawn with replacement: yes (mdistiller's "
+             "ImageNet sampler; torchdistill draws without), no (the CIFAR-100 reference, unless a class's pool is smaller than "
              "--nce_k), auto: yes above 200,000 training images", choices=("auto", "yes", "no")),
     )
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import random
 import re
 import tempfile
+import zipfile
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from errors import UserError
@@ -112,7 +115,6 @@ def unreadable_reason(path: str, err: Exception) -> str:
     if size == 0:
         return "is empty (0 bytes), not a checkpoint"
     if head.startswith(b"PK\x03\x04"):
-        import zipfile
         if not zipfile.is_zipfile(path):
             return f"is corrupt: a zip-format torch file cut short or damaged ({size:,} bytes, no zip directory)"
         with zipfile.ZipFile(path) as archive:
@@ -239,10 +241,6 @@ def _mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor], own: dict[
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """The global random states (torch CPU, CUDA of ``device``, numpy, python) as plain data."""
-    import random
-
-    import numpy as np
-
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -262,10 +260,6 @@ def _python_state_to_plain(state: tuple) -> list:
 
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     """Restores what :func:`rng_state` saved."""
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))

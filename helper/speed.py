@@ -67,7 +67,4 @@ def maybe_compile(module: nn.Module, enabled: bool, mode: str = "default") -> nn
     """
     if not enabled:
         return module
-    if not hasattr(torch, "compile"):
-        warnings.warn("torch.compile is unavailable in this torch; running eagerly")
-        return module
     return CompiledOrEager(module, mode)

@@ -161,20 +161,6 @@ def test_cached_teacher_gives_the_live_loss_and_gradients(built, config):
         assert relative(g_b, g_a) <= REL
 
 
-def test_benchmark_times_both_steps_on_the_same_batches(built):
-    from helper.teacher_cache.bench import time_steps
-
-    data, teacher, cached, root = built
-    cfg = parse_config(["--path_t", "unused.pth", "--model_s", "resnet8", "--dataset", "digits",
-                        "--batch_size", "8", "--seed", "1", "--save_root", str(root), "--device", "cpu",
-                        "--distill", "wttm"], CPU, "resnet8")
-    result = time_steps(cfg, CPU, data, teacher, cached, steps=2, warmup=1)
-    assert result["live_ms"] > 0 and result["cached_ms"] > 0
-    assert result["speedup"] == pytest.approx(result["live_ms"] / result["cached_ms"])
-
-
-# ---- the file: refused when corrupt, truncated or another's; rebuilt; locked ------------
-
 def plan_for(data, root: Path, mode: str, teacher_sha: str = "a" * 64, distill: str = "kd",
              feature_kind=None) -> tc.CachePlan:
     cfg = Config({"teacher_cache": mode, "teacher_sha256": teacher_sha, "model_t": "tiny",

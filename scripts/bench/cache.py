@@ -5,7 +5,7 @@ against the live one.
   (162 per image) of ``--cache_build_images`` synthetic images with the pair's teacher
   (random weights: the same work as trained ones); views/s, projected to the 8.1 M views of
   CIFAR-100.
-- Step: :func:`helper.teacher_cache.bench.time_steps` builds the run's step twice with
+- Step: :func:`scripts.bench.cache_steps.time_steps` builds the run's step twice with
   ``assemble_step`` (live teacher, cached teacher) from the same student and runs both over
   the same view-reporting batches, alternating batch by batch; median ms/step. The table
   behind the cached step covers ``--cache_images`` images and is filled by :data:`FILLER`: the
@@ -26,7 +26,7 @@ from helper import distributed
 from helper.config import Config
 from helper.speed import memory_format
 from helper.teacher_cache import PAD, CachedTeacher, cache_key
-from helper.teacher_cache.bench import build_rate, synthetic, time_steps
+from scripts.bench.cache_steps import build_rate, synthetic, time_steps
 from helper.teacher_cache.build import build_cache
 from helper.teacher_cache.store import CachePaths, cache_paths, open_table
 from scripts.bench import report
