@@ -4,6 +4,8 @@ table runner and the tests build configurations exactly as ``train_student.py`` 
 """
 from __future__ import annotations
 
+import hashlib
+
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -21,6 +23,7 @@ from helper.distill import resolve_weights
 # which would read as the teacher (``T-<teacher>``).
 NAME_KEYS = {"ttm_l": "l", "kd_T": "kdT"}
 LEGACY_NAME_KEYS = {"ttm_l": "l", "kd_T": "T"}
+MAX_NAME = 200  # bytes of a default run name (file names may have 255)
 # Method flags always named when their method is in use (the seed's habit); others only when
 # they differ from their default.
 ALWAYS_NAMED = ("ttm_l", "kd_T")
@@ -132,9 +135,18 @@ def default_run_name(cfg: Mapping[str, Any]) -> str:
     ``ncek``) followed by its value: a number directly, in its shortest exact form (``1``,
     ``0.1``, ``5e-05``); a word after a hyphen (``precision-bf16``); an option that is on,
     alone (``syncbn``). Values keep only ``A-Z a-z 0-9 . + -`` (``150,180`` → ``150-180``).
-    ``--epochs`` is left out: a run may be resumed to more.
+    ``--epochs`` is left out: a run may be resumed to more. A name longer than
+    :data:`MAX_NAME` bytes (a long recipe, such as the DeiT table's) keeps its first part and
+    replaces the rest by ``h<12 hex digits of its SHA-256>``, so it stays a valid file name
+    and still differs whenever a flag does; the trial stays last.
     """
-    return _run_name(cfg, _token, ("S-", "T-"), "trial")
+    name = _run_name(cfg, _token, ("S-", "T-"), "trial")
+    if len(name.encode()) <= MAX_NAME:
+        return name
+    head, _, trial = name.rpartition("_")
+    digest = hashlib.sha256(head.encode()).hexdigest()[:12]
+    keep = MAX_NAME - len(trial) - len(digest) - 3
+    return f"{head.encode()[:keep].decode(errors='ignore').rstrip('_')}_h{digest}_{trial}"
 
 
 def legacy_run_name(cfg: Mapping[str, Any]) -> str:
@@ -148,7 +160,7 @@ def _run_name(cfg: Mapping[str, Any], token: Any, models_prefix: tuple[str, str]
     student, teacher = models_prefix
     parts = [f"{student}{cfg['model_s']}", f"{teacher}{cfg['model_t']}", cfg["dataset"], method,
              *(token(key, cfg[dest], weight=True) for key, dest in (("r", "gamma"), ("a", "alpha"), ("b", "beta")))]
-    defaults = {a.dest: a.default for a in build_parser()._actions}
+    defaults = {a.dest: a.default for a in build_parser().flags}
     flags = cfg.get("flags", cfg)
     in_use = [f.dest for cls in methods_in_use(cfg) for f in cls.flags]
     for dest in dict.fromkeys(in_use):

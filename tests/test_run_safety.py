@@ -262,3 +262,17 @@ def test_help_shows_every_default(capsys):
     undocumented = [b.split()[0] for b in blocks[1:] if "default" not in b and not b.startswith("h,")]
     assert undocumented == [], undocumented
     assert "(default: 16384)" in out and "(default: off)" in out
+
+
+def test_a_long_recipe_still_names_a_valid_folder():
+    """The DeiT recipe's flags make a name beyond 255 bytes; it is cut with a hash of the
+    whole, still tells runs apart and keeps the trial last."""
+    deit = ["--dataset", "imagenet", "--opt", "adamw", "--wd_skip", "norm_bias_tokens", "--sched", "cosine",
+            "--warmup_epochs", "20", "--min_lr", "1e-05", "--clip_grad", "5", "--smoothing", "0.1",
+            "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--train_interpolation", "bicubic",
+            "--eval_interpolation", "bicubic", "--teacher_train_mode", "--teacher_drop_path", "0.05",
+            "--batch_size", "1024", "--learning_rate", "0.001", "--weight_decay", "0.05"]
+    long_name = _name(*deit)
+    assert len(long_name.encode()) <= 200 and long_name.endswith("_trial0") and "_h" in long_name
+    assert _name(*deit, "--clip_grad", "4") != long_name
+    assert long_name.startswith("S-resnet8_T-resnet32x4_imagenet_crd+wttm_")
