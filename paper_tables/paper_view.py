@@ -8,11 +8,12 @@ paper's value and the note on our recipe, grouped where they agree.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from paper_tables.cells import Cell, TableKey
 from paper_tables.recipes import all_cells, method_names, pairs_of
 from paper_tables.recipes_imagenet import table_notes
+from paper_tables.report_format import plain
 
 
 def _value(cell: Optional[Cell]) -> str:
@@ -70,3 +71,13 @@ def paper_report(table: TableKey) -> tuple[list[str], list[list[str]], list[str]
     """A table's paper grid and its notes (sources, then the table's recipe notes)."""
     header, rows = paper_grid(table)
     return header, rows, paper_sources(table) + list(table_notes(table))
+
+
+def paper_text(tables: Sequence[TableKey], titles: Sequence[str], wrap: int) -> str:
+    """The paper's tables with each cell's source, as text (``summarize.py --paper``)."""
+    out = []
+    for table, title in zip(tables, titles):
+        header, rows, lines = paper_report(table)
+        out += [f"{title}: the paper's top-1 (%)", plain(header, rows, wrap=wrap), "Sources:"]
+        out += [f"  {line}" for line in lines] + [""]
+    return "\n".join(out)

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 from errors import UserError, exit_on_user_error
 from paper_tables.cells import TABLES, Cell, table_key
 from paper_tables.recipes import all_cells, method_names, pairs_of
-from paper_tables.paper_view import paper_report
+from paper_tables.paper_view import paper_text
 from paper_tables.recipes_imagenet import table_notes
 from paper_tables.report_format import markdown, plain, plot_curves, write_csv
 from paper_tables.run_groups import (RunGroup, TrialResult, TrialStats, group_runs, method_label,
@@ -297,15 +297,6 @@ def write_report(results: list[CellResult], groups: Sequence[RunGroup], root: st
     return "\n".join(text).rstrip()
 
 
-def print_paper(tables: Sequence[object]) -> None:
-    """The paper's tables with each cell's source (``--paper``)."""
-    for table in tables:
-        header, rows, lines = paper_report(table)
-        print(f"{table_name(table)}: the paper's top-1 (%)")
-        print(plain(header, rows, wrap=WRAP))
-        print("Sources:\n" + "\n".join(f"  {line}" for line in lines) + "\n")
-
-
 @exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description="Summarise runs: the paper tables' cells next to the paper's "
@@ -324,7 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="skip the PNG curves")
     args = p.parse_args(argv)
     if args.paper:
-        print_paper(args.table or list(TABLES))
+        print(paper_text(args.table or list(TABLES), [table_name(t) for t in args.table or TABLES], WRAP))
         return 0
     root = os.path.join(args.save_root, "student_model")
     results = collect(args.save_root, args.table)
