@@ -4,7 +4,7 @@ timm (``timm/data/auto_augment.py``, v1.0.28) runs each op through PIL on one im
 call transforms ``n`` images that drew the same op, each with its own parameter. Images are
 ``[n, 3, H, W]`` uint8 on any device; parameters are ``[n]`` tensors on that device.
 
-The pixel-wise ops reproduce PIL 13 bit for bit (checked in ``tests/test_augment_ops.py``):
+The pixel-wise ops reproduce PIL 13 bit for bit (checked in ``tests/datasets/test_augment_ops.py``):
 
 - lookup tables (``ImageOps.autocontrast``, ``equalize``, ``invert``, ``posterize``,
   ``solarize``, timm's ``solarize_add``), with PIL's float and integer arithmetic;

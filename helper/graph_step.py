@@ -11,7 +11,7 @@ default is ``--cuda_graphs off`` until ``scripts/gpu_acceptance.py`` has passed 
 Correctness guards:
 - a graph is captured only where it can be exact: CUDA, one process, no ``--compile``, every
   method ``graph_safe`` (:func:`graph_plan` says why not otherwise, once, as a warning);
-  ``tests/test_host_sync.py`` proves the graph-safe methods never wait on the host;
+  ``tests/methods/test_host_sync.py`` proves the graph-safe methods never wait on the host;
 - it is captured at the loader's full batch size, and again whenever something baked into it
   changes: the learning rates, or what a method reads of the epoch (``graph_key``, DKD's
   warm-up factor); the old graph is freed first;

@@ -23,7 +23,7 @@ from teacher_zoo.published import teacher_checkpoint
 
 DEFAULT_EPOCHS = 240  # train_student.py's --epochs default (the CIFAR recipe)
 # train_student.py's defaults where the flags leave them open, by data set: (epochs, batch),
-# as helper.common_flags.RECIPES (which imports torch; tests/test_reproduce_imagenet.py compares).
+# as helper.common_flags.RECIPES (which imports torch; tests/tables/test_reproduce_imagenet.py compares).
 RECIPE_DEFAULTS = {"imagenet": (100, 256)}
 CIFAR_DEFAULTS = (DEFAULT_EPOCHS, 64)
 

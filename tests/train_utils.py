@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO / "tests" / "data"  # the golden numbers and layouts
 
 SMALL_TRAIN = 64
 SMALL_TEST = 50

@@ -3,12 +3,10 @@ arithmetic, the calibration cache, MPS detection, and a real (tiny, CPU) calibra
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from errors import UserError
 from paper_tables import calibrate, pack_plan, packing

@@ -17,20 +17,21 @@ import io
 import json
 import math
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import models
+from train_utils import DATA_DIR
+from vit_fixtures import facebook_state_dict, mmcls_state_dict
 from models import create_model, model_names
 from models.vit import ARCHS, DropPath, VisionTransformer
 from models.vit_layouts import detect_layout, to_timm_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_public.json").read_text())["models"]
+GOLDEN = json.loads((DATA_DIR / "golden_public.json").read_text())["models"]
 # PARITY.md section 10.4: entries and parameters of timm's models with 1000 classes.
 SIZES = {"deit_tiny_patch16_224": (152, 5_717_416), "deit_small_patch16_224": (152, 22_050_664),
          "deit3_small_patch16_224": (176, 22_059_496)}
@@ -174,45 +175,6 @@ def test_drop_path_rate_out_of_range():
 
 
 # ------------------------------------------------------------------ foreign weight files
-def facebook_state_dict(timm_sd: dict) -> OrderedDict:
-    """Facebook's DeiT III module order: a block's own gamma_1, gamma_2 come before its children."""
-    out = OrderedDict()
-    for k, v in timm_sd.items():
-        if ".ls" in k:
-            continue
-        if k.endswith("norm1.weight") and k.startswith("blocks."):
-            block = k[: -len("norm1.weight")]
-            for j in (1, 2):
-                if f"{block}ls{j}.gamma" in timm_sd:
-                    out[f"{block}gamma_{j}"] = timm_sd[f"{block}ls{j}.gamma"]
-        out[k] = v
-    return out
-
-
-def mmcls_state_dict(fb_sd: dict) -> OrderedDict:
-    """The renaming of mmpretrain's deit3_to_mmpretrain.py (``convert_deit3``), rule by rule."""
-    out = OrderedDict()
-    for k, v in fb_sd.items():
-        if k.startswith("head"):
-            out[k.replace("head.", "head.layers.head.")] = v
-            continue
-        new = k
-        if k.startswith("patch_embed"):
-            new = k.replace("proj.", "projection.")
-        elif k.startswith("blocks"):
-            new = k.replace("blocks.", "layers.")
-            for old, rep in (("norm1", "ln1"), ("norm2", "ln2"), ("mlp.fc1", "ffn.layers.0.0"),
-                             ("mlp.fc2", "ffn.layers.1"), ("gamma_1", "attn.gamma1.weight"),
-                             ("gamma_2", "ffn.gamma2.weight")):
-                if old in k:
-                    new = new.replace(old, rep)
-                    break
-        elif k.startswith("norm"):
-            new = k.replace("norm", "ln1")
-        out["backbone." + new] = v
-    return out
-
-
 def saved_and_loaded(obj) -> dict:
     buf = io.BytesIO()
     torch.save(obj, buf)

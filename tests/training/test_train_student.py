@@ -29,7 +29,7 @@ PAIRS = {"same": "resnet8", "cross": "MobileNetV2"}  # students of the resnet14 
 # By construction: FSP needs equal channel counts per stage, AB one connector per teacher stage,
 # ReviewKD as many student stages as teacher stages.
 UNBUILDABLE = {("fsp", "cross"), ("abound", "cross"), ("reviewkd", "cross"),
-               ("vitkd", "same"), ("vitkd", "cross")}  # ViTKD needs ViT tokens: tests/test_vit_runs.py
+               ("vitkd", "same"), ("vitkd", "cross")}  # ViTKD needs ViT tokens: tests/training/test_vit_runs.py
 CONFIGS = {name: ["--distill", name] for name in METHODS.names()}
 CONFIGS["kd"] = ["--distill", "kd", "-r", "0.1", "-a", "0.9", "-b", "0"]  # the seed's KD
 CONFIGS["crd+wttm"] = ["--distill", "crd", "--add", "wttm", "-a", "1", "-b", "0.8"]

@@ -34,7 +34,7 @@ from imagenet_fixtures import WNIDS, make_tiny_imagenet
 from teacher_zoo import cli as teachers
 from teacher_zoo import files as zoo_files
 from teacher_zoo.published import DEIT_TEACHERS
-from test_models_vit import facebook_state_dict, mmcls_state_dict
+from vit_fixtures import facebook_state_dict, mmcls_state_dict
 from train_utils import assert_one_line_error, load, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,10 +4,8 @@ calibration round runs, and says when it reuses a cached calibration and from ho
 A real calibration on the CPU with tiny step counts (digits, batch 16, 2 timed steps)."""
 from __future__ import annotations
 
-import os
 import re
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from train_utils import load_script
 

@@ -212,7 +212,7 @@ def test_quick_whole_table_sections(quick):
     assert cache["speedup"] == pytest.approx(cache["live_ms"] / cache["cached_ms"]) and cache["build_views_per_s"] > 0
     assert cache["full_build_s"] == pytest.approx(50000 * 162 / cache["build_views_per_s"])
 
-    (pack,) = result["packing"]  # one real calibration round (K = 2 starts a second process: tests/test_packing.py)
+    (pack,) = result["packing"]  # one real calibration round (K = 2 starts a second process: tests/tables/test_packing.py)
     assert pack["ks"] == [1] and pack["stopped"] == {} and pack["pair"] == "resnet8:resnet8"
     ((k, rate, ratio),) = [(r["k"], r["images_per_s"], r["ratio"]) for r in pack["rounds"]]
     assert (k, ratio, pack["best_k"], pack["best_ratio"]) == (1, 1.0, 1, 1.0) and rate > 0

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_utils import REPO
 
 from paper_tables import run_groups
 from train_utils import load_script

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +19,11 @@ from torch import nn
 import models
 from errors import UserError
 from helper.checkpoint import load_weights
+from train_utils import DATA_DIR
 from imagenet_fixtures import TORCHVISION_FILES, published_state_dict
 from models import create_model, feature_shapes, model_names
 
-DATA = Path(__file__).parent / "data"
+DATA = DATA_DIR
 LAYOUTS = json.loads((DATA / "imagenet_layouts.json").read_text())["models"]
 GOLDEN = json.loads((DATA / "golden_public.json").read_text())["models"]
 CIFAR = sorted(n for n, rec in GOLDEN.items() if rec.get("num_classes", 100) == 100)

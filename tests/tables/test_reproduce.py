@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_utils import REPO
 
 from paper_tables import recipes, trial_lock
 from teacher_zoo.published import teacher_checkpoint

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
+from train_utils import DATA_DIR
 from models import create_model, feature_shapes, model_names, register_model
 from models.ShuffleNetv1 import ShuffleBlock
 
-GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_public.json").read_text())["models"]
+GOLDEN = json.loads((DATA_DIR / "golden_public.json").read_text())["models"]
 NAMES = model_names(input_size=32)  # the CIFAR networks; ImageNet ones: test_models_imagenet.py
 SHUFFLENETS = {"ShuffleV1", "ShuffleV2"}
 

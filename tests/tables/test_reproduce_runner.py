@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_utils import REPO
 
 from paper_tables import gpu_slots, packing, recipes, trial_lock, trial_progress
 from train_utils import load_script

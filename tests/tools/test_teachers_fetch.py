@@ -26,7 +26,7 @@ import time
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_utils import REPO
 
 import models
 from teacher_zoo import cli as teachers
@@ -423,7 +423,7 @@ DEIT3 = "deit3_small_patch16_224"
 def mmcls_deit3() -> bytes:
     """A 1000-class DeiT III-S file made as mmcls's runner saves it: ``{'meta', 'state_dict'}``
     with mmcls's key names (random weights; ~88 MB, as the real one)."""
-    from test_models_vit import facebook_state_dict, mmcls_state_dict
+    from vit_fixtures import facebook_state_dict, mmcls_state_dict
 
     torch.manual_seed(0)
     state = models.create_model(DEIT3, 1000).state_dict()

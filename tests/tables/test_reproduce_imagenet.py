@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shlex
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from paper_tables import recipes_imagenet
 from paper_tables.cells import Cell
