@@ -111,7 +111,7 @@ def assemble_step(cfg: Config, env: distributed.DistEnv, objective: nn.Module,
     schedule = LRSchedule.from_config(cfg)
     graphed, mode = graph_plan(cfg.cuda_graphs, env.device, env.world_size, cfg.compile, objective,
                                *([cached] if cached is not None else []),
-                               *recipe_blockers(cfg, schedule))
+                               recipe=recipe_blockers(cfg, schedule))
     frozen: Optional[Callable[..., Outputs]] = cached
     if cached is None and teacher is not None:
         frozen = FrozenTeacher(maybe_compile(teacher, cfg.compile, cfg.compile_mode), objective.feature_kind,
@@ -127,23 +127,14 @@ def assemble_step(cfg: Config, env: distributed.DistEnv, objective: nn.Module,
     return Step(student, frozen, optimizer, trainable, run, mode)
 
 
-@dataclass(frozen=True)
-class RecipeBlocker:
-    """A recipe choice a CUDA-graph step cannot replay (its ``graph_unsafe_reason`` is said
-    in the run's header, and the step stays eager)."""
-
-    graph_unsafe_reason: str
-    graph_safe: bool = False
-
-
-def recipe_blockers(cfg: Config, schedule: LRSchedule) -> list[RecipeBlocker]:
+def recipe_blockers(cfg: Config, schedule: LRSchedule) -> list[str]:
     """Why the recipe keeps the step eager: AdamW keeps its step count on the host unless
     built capturable, and a per-iteration LR would force a capture per step."""
     out = []
     if cfg.get("opt", "sgd") != "sgd":
-        out.append(RecipeBlocker(f"--opt {cfg.opt}"))
+        out.append(f"--opt {cfg.opt}")
     if schedule.per_iteration:
-        out.append(RecipeBlocker("a per-iteration LR schedule"))
+        out.append("a per-iteration LR schedule")
     return out
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ TOLERANCES = {"fp32": {"loss": 1e-4, "state": 1e-4, "kinds": ("param", "buffer",
 
 
 def graph_plan(mode: str, device: torch.device, world_size: int, compiled: bool,
-               *parts: Any) -> tuple[bool, str]:
+               *parts: Any, recipe: Sequence[str] = ()) -> tuple[bool, str]:
     """Whether a run captures its step, and why (shown in the run's header).
 
     Args:
@@ -58,6 +58,7 @@ def graph_plan(mode: str, device: torch.device, world_size: int, compiled: bool,
         compiled: whether ``--compile`` wraps the networks.
         parts: what the step calls (the unwrapped objective, the teacher callable); any with
             ``graph_safe`` False keeps the step eager.
+        recipe: recipe choices a graph cannot replay (``--opt adamw``, a per-iteration LR).
     """
     if mode == "off":
         return False, "eager (--cuda_graphs off)"
@@ -72,6 +73,8 @@ def graph_plan(mode: str, device: torch.device, world_size: int, compiled: bool,
               if not getattr(p, "graph_safe", True)]
     if unsafe:
         reasons.append("not replayable from a graph: " + ", ".join(unsafe))
+    if recipe:
+        reasons.append("the recipe: " + ", ".join(recipe))
     if reasons:
         return False, "eager (" + "; ".join(reasons) + ")"
     return True, "CUDA graph (whole step, checked against an eager step at each capture)"

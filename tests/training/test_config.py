@@ -1,5 +1,6 @@
-"""Flags → validated, read-only configuration (helper/config.py): parsing, derived values,
-the learning-rate schedule and every validation error."""
+"""Flags → validated, read-only configuration (helper/cli.py, helper/common_flags.py,
+helper/config.py): parsing, derived values, the learning-rate schedule and every validation
+error."""
 from __future__ import annotations
 
 import json

@@ -288,3 +288,11 @@ def test_the_step_mode_is_reported_and_an_unexpected_eager_step_warns(capsys):
         report_step_mode(types.SimpleNamespace(cuda_graphs="on", compile=False), cpu, "eager (CUDA graphs need a CUDA device)")
     assert len(caught) == 2 and "crd" in str(caught[0].message)
     assert capsys.readouterr().out.count("training step: ") == 4
+
+
+def test_the_recipe_can_keep_the_step_eager_and_says_why():
+    """AdamW and a per-iteration schedule are named in the plan's reason (helper.assemble)."""
+    cuda = torch.device("cuda", 0)
+    on, mode = graph_plan("auto", cuda, 1, False, recipe=["--opt adamw", "a per-iteration LR schedule"])
+    assert not on and "the recipe: --opt adamw, a per-iteration LR schedule" in mode
+    assert graph_plan("auto", cuda, 1, False)[0]
